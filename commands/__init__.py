@@ -1,0 +1,1 @@
+"""One thin module per `tgis` subcommand: parse options, call the runtime, render."""

@@ -1,0 +1,1 @@
+"""The tgis runtime: configuration, hub access, models, engine, parallelism and front ends."""

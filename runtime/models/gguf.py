@@ -1,0 +1,38 @@
+"""GGUF checkpoint → plain safetensors model directory (dequantized through transformers' GGUF support)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write config, tokenizer (with chat template) and safetensors weights for `gguf_path` into `out_dir`.
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model ("quantized with gguf"), so the dequantized
+    weights are copied into a plain model of the same architecture first.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    plain.to(dtype).save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    log.info("converted %s -> %s", gguf_path, out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""The `tgis` command-line entry point."""

@@ -1,0 +1,3 @@
+from tgis_cli.main import app
+
+app()
