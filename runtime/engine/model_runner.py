@@ -1,0 +1,197 @@
+"""Model runner for Hugging Face transformers models: padded batches whose KV caches are merged and pruned.
+
+Why this design: it works unchanged for every decoder-only architecture transformers loads and for encoder-decoder
+models (T5, BART), because it only relies on the public forward signature and on the cache being a list of
+per-layer `[batch, heads, seq, head_dim]` key/value tensors. A running batch is left-padded to its longest row;
+a newly prefilled group is merged by left-padding both sides to a common length and concatenating along the batch
+dimension, so joining never recomputes anyone's cache. Finished rows are dropped and fully padded leading columns
+trimmed. The price is padding waste (tracked as KV slots) and a cache re-concatenation per step; a paged native
+model path is the planned fast path on GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from runtime.models.loader import LoadedModel
+
+
+@dataclass
+class PrefillItem:
+    """One row to prefill. Decoder-only: `tokens` = prompt (+ already generated ids after a preemption).
+    Encoder-decoder: `encoder_ids` = prompt, `tokens` = decoder start id (+ already generated ids)."""
+
+    tokens: list[int]
+    encoder_ids: list[int] | None = None
+    prompt_logits: bool = False  # return logits for every position (input-token details)
+
+
+@dataclass
+class Batch:
+    """A running padded batch: the model's KV cache plus the masks and positions that go with it."""
+
+    cache: DynamicCache | EncoderDecoderCache
+    mask: torch.Tensor  # [B, T] 1 where the decoder cache holds a real token
+    positions: torch.Tensor  # [B] position id of the next decoder token
+    enc_hidden: torch.Tensor | None = None  # [B, S, d] encoder output (encoder-decoder only)
+    enc_mask: torch.Tensor | None = None  # [B, S]
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def slots(self) -> int:
+        """KV slots held, padding included: what the cache capacity is charged."""
+        enc = 0 if self.enc_mask is None else self.enc_mask.shape[1]
+        return self.size * (self.mask.shape[1] + enc)
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _pad_rows(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ids and mask tensors."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _layer_groups(cache) -> tuple[list, list]:
+    """(self-attention layers, cross-attention layers) of a transformers cache."""
+    if isinstance(cache, EncoderDecoderCache):
+        return list(cache.self_attention_cache.layers), list(cache.cross_attention_cache.layers)
+    return list(cache.layers), []
+
+
+def _merge_layers(dst: list, src: list, length: int) -> None:
+    for a, b in zip(dst, src, strict=True):
+        a.keys = torch.cat([_pad_left(a.keys, length, -2), _pad_left(b.keys, length, -2)])
+        a.values = torch.cat([_pad_left(a.values, length, -2), _pad_left(b.values, length, -2)])
+
+
+def _select_layers(layers: list, idx: torch.Tensor, start: int) -> None:
+    for layer in layers:
+        layer.keys = layer.keys[idx, ..., start:, :]
+        layer.values = layer.values[idx, ..., start:, :]
+
+
+def _first_used_column(mask: torch.Tensor) -> int:
+    return int((mask.sum(0) > 0).nonzero()[0].item())
+
+
+class ModelRunner:
+    """Runs prefill and decode forwards for one loaded model and maintains padded batches."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.pad = loaded.pad_token_id
+        params = inspect.signature(self.model.forward).parameters
+        self._has_logits_to_keep = "logits_to_keep" in params
+        self._has_position_ids = "position_ids" in params
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]) -> tuple[Batch, torch.Tensor, list[torch.Tensor | None]]:
+        """Forward a new group. Returns its batch, last-position logits [n, V], and per-row prompt logits
+        ([len(tokens), V], position i predicting token i+1) for rows that asked for them."""
+        ids, mask = _pad_rows([it.tokens for it in items], self.pad, self.device)
+        want_all = any(it.prompt_logits for it in items)
+        kwargs: dict = {"use_cache": True}
+        if self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = 0 if want_all else 1
+        if self.loaded.is_encoder_decoder:
+            enc_ids, enc_mask = _pad_rows([it.encoder_ids or [] for it in items], self.pad, self.device)
+            enc_hidden = self.model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_hidden), attention_mask=enc_mask,
+                             decoder_input_ids=ids, decoder_attention_mask=mask, **{self._cache_kw: cache}, **kwargs)
+            positions = mask.sum(-1)
+        else:
+            enc_hidden = enc_mask = None
+            cache = DynamicCache()
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            if self._has_position_ids:
+                kwargs["position_ids"] = pos
+            out = self.model(input_ids=ids, attention_mask=mask, **{self._cache_kw: cache}, **kwargs)
+            positions = pos[:, -1] + 1
+        logits = out.logits
+        prompt = [logits[i, ids.shape[1] - len(it.tokens):] if it.prompt_logits else None
+                  for i, it in enumerate(items)]
+        batch = Batch(cache, mask, positions, enc_hidden, enc_mask)
+        return batch, logits[:, -1, :], prompt
+
+    @torch.inference_mode()
+    def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step for every row of `batch` (tokens: [B] the last sampled ids); returns logits [B, V]."""
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
+        ids = tokens.to(self.device).view(-1, 1)
+        if self.loaded.is_encoder_decoder:
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=batch.enc_hidden),
+                             attention_mask=batch.enc_mask, decoder_input_ids=ids, decoder_attention_mask=batch.mask,
+                             use_cache=True, **{self._cache_kw: batch.cache})
+        else:
+            kwargs = {"position_ids": batch.positions.view(-1, 1)} if self._has_position_ids else {}
+            out = self.model(input_ids=ids, attention_mask=batch.mask, use_cache=True, **{self._cache_kw: batch.cache},
+                             **kwargs)
+        batch.positions = batch.positions + 1
+        return out.logits[:, -1, :]
+
+    @staticmethod
+    def merge(a: Batch | None, b: Batch) -> Batch:
+        """Append batch `b`'s rows after `a`'s (left-padding both to a common length)."""
+        if a is None:
+            return b
+        length = max(a.mask.shape[1], b.mask.shape[1])
+        a_self, a_cross = _layer_groups(a.cache)
+        b_self, b_cross = _layer_groups(b.cache)
+        _merge_layers(a_self, b_self, length)
+        a.mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
+        a.positions = torch.cat([a.positions, b.positions])
+        if a.enc_mask is not None:
+            enc_len = max(a.enc_mask.shape[1], b.enc_mask.shape[1])
+            _merge_layers(a_cross, b_cross, enc_len)
+            a.enc_hidden = torch.cat([_pad_left(a.enc_hidden, enc_len, 1), _pad_left(b.enc_hidden, enc_len, 1)])
+            a.enc_mask = torch.cat([_pad_left(a.enc_mask, enc_len, 1), _pad_left(b.enc_mask, enc_len, 1)])
+        return a
+
+    @staticmethod
+    def keep(batch: Batch, rows: list[int]) -> Batch | None:
+        """Keep only `rows` (in that order) and trim columns that became pure padding."""
+        if not rows:
+            return None
+        if rows == list(range(batch.size)):
+            return batch
+        idx = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask[idx]
+        start = _first_used_column(mask)
+        self_layers, cross_layers = _layer_groups(batch.cache)
+        _select_layers(self_layers, idx, start)
+        batch.mask = mask[:, start:]
+        batch.positions = batch.positions[idx]
+        if batch.enc_mask is not None:
+            enc_mask = batch.enc_mask[idx]
+            enc_start = _first_used_column(enc_mask)
+            _select_layers(cross_layers, idx, enc_start)
+            batch.enc_mask = enc_mask[:, enc_start:]
+            batch.enc_hidden = batch.enc_hidden[idx, enc_start:]
+        return batch

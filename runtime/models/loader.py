@@ -1,0 +1,86 @@
+"""Loading a Hugging Face model and tokenizer for serving: device, dtype, kind, sequence-length limit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# config keys TGIS reads, in order, for the model's own max_sequence_length (spec §4.3)
+SEQ_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "max_seq_length", "seq_len")
+DEFAULT_MAX_SEQUENCE_LENGTH = 2048
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object  # a transformers fast tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    is_encoder_decoder: bool
+    eos_token_id: int | None
+    pad_token_id: int
+    decoder_start_token_id: int | None
+    vocab_size: int
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """float16/bfloat16 on GPU (bf16 where supported), float32 on CPU; an explicit name must be a torch dtype."""
+    if dtype:
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"Unrecognized data type: {dtype}")
+        return value
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_max_sequence_length(model_path: str | Path) -> int | None:
+    """The first integer among TGIS' config keys, or None."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    for key in SEQ_LEN_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _first(value) -> int | None:
+    return value[0] if isinstance(value, list | tuple) else value
+
+
+def load_model(model_path: str | Path, dtype: str | None = None, device: str | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = cls.from_pretrained(model_path, dtype=dt, trust_remote_code=trust_remote_code).to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    eos = _first(config.eos_token_id)
+    if eos is None:  # TGIS falls back to the tokenizer's EOS when the config has none (TGIS #93)
+        eos = tokenizer.eos_token_id
+    pad = _first(config.pad_token_id)
+    for candidate in (tokenizer.pad_token_id, eos, 0):
+        if pad is None:
+            pad = candidate
+    start = getattr(config, "decoder_start_token_id", None)
+    if seq2seq and start is None:
+        start = config.bos_token_id if config.bos_token_id is not None else pad
+    log.info("loaded %s (%s) on %s as %s", model_path, type(model).__name__, dev, dt)
+    return LoadedModel(model, tokenizer, dev, dt, seq2seq, eos, pad, start, model.get_output_embeddings().weight.shape[0])
