@@ -73,7 +73,7 @@ def _pad_rows(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device)
 
 
-def _layer_groups(cache) -> tuple[list, list]:
+def layer_groups(cache) -> tuple[list, list]:
     """(self-attention layers, cross-attention layers) of a transformers cache."""
     if isinstance(cache, EncoderDecoderCache):
         return list(cache.self_attention_cache.layers), list(cache.cross_attention_cache.layers)
@@ -162,8 +162,8 @@ class ModelRunner:
         if a is None:
             return b
         length = max(a.mask.shape[1], b.mask.shape[1])
-        a_self, a_cross = _layer_groups(a.cache)
-        b_self, b_cross = _layer_groups(b.cache)
+        a_self, a_cross = layer_groups(a.cache)
+        b_self, b_cross = layer_groups(b.cache)
         _merge_layers(a_self, b_self, length)
         a.mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
         a.positions = torch.cat([a.positions, b.positions])
@@ -184,7 +184,7 @@ class ModelRunner:
         idx = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
         mask = batch.mask[idx]
         start = _first_used_column(mask)
-        self_layers, cross_layers = _layer_groups(batch.cache)
+        self_layers, cross_layers = layer_groups(batch.cache)
         _select_layers(self_layers, idx, start)
         batch.mask = mask[:, start:]
         batch.positions = batch.positions[idx]

@@ -1,0 +1,72 @@
+"""Helpers to drive the real engine from tests and to compute transformers references."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput
+
+_ids = itertools.count()
+
+
+@dataclass
+class Result:
+    outputs: list[RequestOutput]
+
+    @property
+    def final(self) -> RequestOutput:
+        return self.outputs[-1]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.new_token_ids]
+
+    @property
+    def streamed_text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+
+def request(engine: AsyncEngine, text: str, **params) -> EngineRequest:
+    ids = engine.tokenizer(text)["input_ids"]
+    return EngineRequest(f"t{next(_ids)}", ids, GenerationParams(**params))
+
+
+async def collect(engine: AsyncEngine, req: EngineRequest) -> Result:
+    return Result([out async for out in engine.generate(req)])
+
+
+def run(engine: AsyncEngine, reqs: list[EngineRequest], join_after_steps: list[int] | None = None) -> list[Result]:
+    """Run requests concurrently; request i is submitted once the engine has done `join_after_steps[i]` steps,
+    so requests join a batch that is already running."""
+    steps = [0]
+    engine.add_step_listener(lambda s: steps.__setitem__(0, steps[0] + 1))
+
+    async def one(i: int, req: EngineRequest) -> Result:
+        wait = join_after_steps[i] if join_after_steps else 0
+        start = steps[0]
+        while steps[0] - start < wait:
+            await asyncio.sleep(0.0005)
+        return await collect(engine, req)
+
+    async def main():
+        return await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+
+    try:
+        return asyncio.run(asyncio.wait_for(main(), timeout=240))
+    finally:
+        engine.core.listeners.pop()
+
+
+def hf_greedy(engine: AsyncEngine, input_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """transformers' own greedy generation for the same model object (the reference)."""
+    lm = engine.core.loaded
+    ids = torch.tensor([input_ids], device=lm.device)
+    with torch.inference_mode():
+        out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id,
+                                eos_token_id=lm.eos_token_id, **kwargs)
+    return out[0, (1 if lm.is_encoder_decoder else ids.shape[1]):].tolist()
