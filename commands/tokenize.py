@@ -1,10 +1,47 @@
-"""`tgis tokenize`."""
+"""`tgis tokenize`: token count, tokens and UTF-8 byte offsets, with the Tokenize RPC's rules."""
 
 from __future__ import annotations
 
-from commands._common import not_implemented
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from commands._common import is_model, resolve_model
+
+console = Console(highlight=False)
 
 
-def tokenize() -> None:
-    """Not implemented yet."""
-    not_implemented("tokenize")
+def tokenize(
+    args: list[str] = typer.Argument(..., metavar="[MODEL] TEXT...",
+                                     help="Optional model (directory or cached hub id; default: the built-in "
+                                          "SmolLM2-135M-Instruct), then the texts to tokenize."),
+    model: str | None = typer.Option(None, "--model", "-m", envvar="MODEL_NAME", help="Model (overrides the first "
+                                     "argument)."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision."),
+    truncate_input_tokens: int = typer.Option(0, "--truncate-input-tokens", min=0,
+                                              help="Keep only the last N tokens (0: all)."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON (one object per text)."),
+) -> None:
+    """Tokenize texts exactly as the server counts them (special tokens added, byte offsets)."""
+    from transformers import AutoTokenizer
+
+    from runtime.tokenization import tokenize as tokenize_text
+
+    args = list(args)
+    if model is None and len(args) > 1 and is_model(args[0]):
+        model = args.pop(0)
+    tok = AutoTokenizer.from_pretrained(resolve_model(model, revision))
+    for text in args:
+        result = tokenize_text(tok, text, truncate_input_tokens)
+        if json_output:
+            console.print_json(json.dumps({"text": text, "token_count": result.token_count, "tokens": result.tokens,
+                                           "offsets": [list(o) for o in result.offsets]}))
+            continue
+        table = Table(title=f"{result.token_count} tokens: {text[:60]!r}")
+        for col in ("#", "token", "bytes"):
+            table.add_column(col)
+        for i, (token, (start, end)) in enumerate(zip(result.tokens, result.offsets, strict=True)):
+            table.add_row(str(i), repr(token), f"{start}-{end}")
+        console.print(table)
