@@ -124,14 +124,14 @@ class EngineCore:
     def run(self) -> None:
         """Run until a shutdown message arrives."""
         while True:
-            idle = not self.scheduler.running and not self.scheduler.waiting
-            if not self._drain_inbox(block=idle):
-                return
             try:
+                idle = not self.scheduler.running and not self.scheduler.waiting
+                if not self._drain_inbox(block=idle):
+                    return
                 self.step()
-            except Exception:  # a bug in our own bookkeeping: fail everything in flight, keep serving
+            except Exception as exc:  # a bug in our own bookkeeping: fail everything in flight, keep serving
                 log.exception("engine step failed")
-                self._fail_all("internal engine error")
+                self._fail_all(_failure_reason(exc)[1])
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued messages; False on shutdown."""
@@ -146,7 +146,17 @@ class EngineCore:
             if isinstance(msg, _Abort):
                 self._abort(msg.request_id)
             else:
-                self.scheduler.add(self._new_sequence(msg))
+                self._admit(msg)
+
+    def _admit(self, request: EngineRequest) -> None:
+        try:
+            seq = self._new_sequence(request)
+        except Exception as exc:  # noqa: BLE001 - a bad request must fail alone, never stall its caller
+            log.exception("could not set up request %s", request.request_id)
+            self.emit([RequestOutput(request.request_id, finished=True, stop_reason=StopReason.ERROR,
+                                     error=_failure_reason(exc)[1])])
+            return
+        self.scheduler.add(seq)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         p = request.params
