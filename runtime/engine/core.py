@@ -28,7 +28,7 @@ from runtime.engine.sampler import (
     make_generator,
 )
 from runtime.engine.scheduler import Scheduler
-from runtime.engine.sequence import Sequence, SeqStatus
+from runtime.engine.sequence import SeqStatus, Sequence
 from runtime.engine.stopping import DecodeStream
 from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, LoadedModel, load_model, model_max_sequence_length
 

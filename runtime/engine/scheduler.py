@@ -17,7 +17,7 @@ from collections import deque
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.kv_cache import KVCacheManager
-from runtime.engine.sequence import Sequence, SeqStatus
+from runtime.engine.sequence import SeqStatus, Sequence
 
 
 class Scheduler:

@@ -83,4 +83,5 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     if seq2seq and start is None:
         start = config.bos_token_id if config.bos_token_id is not None else pad
     log.info("loaded %s (%s) on %s as %s", model_path, type(model).__name__, dev, dt)
-    return LoadedModel(model, tokenizer, dev, dt, seq2seq, eos, pad, start, model.get_output_embeddings().weight.shape[0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return LoadedModel(model, tokenizer, dev, dt, seq2seq, eos, pad, start, vocab)
