@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from runtime.engine.config import EngineConfig
 from runtime.engine.core import EngineCore, StepStats
 from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput
+from runtime.models.loader import LoadedModel
 
 __all__ = ["AsyncEngine", "StepStats"]
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig):
-        self.core = EngineCore(config)
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.core = EngineCore(config, loaded)
         lm = self.core.loaded
         self.tokenizer = lm.tokenizer
         self.is_encoder_decoder = lm.is_encoder_decoder
