@@ -1,0 +1,168 @@
+"""Every `tgis serve` option in one table: the `ServerConfig` fields.
+
+Each field carries its CLI flags, its TGIS environment variable(s), its help and its range check in the field
+metadata, so `serve --help`, environment parsing (the command is generated from this table) and start-up validation
+can never drift apart. Names, variables and defaults follow the TGIS launcher (spec §4.1, §4.4); options that only
+exist in our engine (KV cache, device, prefill budget) follow the same pattern.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16", "float", "half")
+
+
+class ConfigError(ValueError):
+    """A bad option value: the server refuses to start with this message."""
+
+
+def _opt(default: Any, *flags: str, env: str | tuple[str, ...] = (), help: str,
+         check: tuple[typing.Callable[[Any], bool], str] | None = None, explicit_bool: bool = False) -> Any:
+    """A config field: default plus the CLI/env/help/check metadata `serve` is generated from.
+
+    `check` is (predicate on a non-None value, message with `{value}`); `explicit_bool` makes a boolean take a value
+    (`--default-include-stop-seqs false`) instead of being a flag, as in TGIS."""
+    envs = (env,) if isinstance(env, str) else env
+    meta = {"flags": flags, "env": envs, "help": help, "check": check, "explicit_bool": explicit_bool}
+    return field(default=default, metadata=meta)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _port(v) -> bool:
+    return 0 < v < 65536
+
+
+def _fraction(v) -> bool:
+    return 0 < v <= 1
+
+
+@dataclass
+class ServerConfig:
+    # model
+    model_name: str | None = _opt(
+        None, "--model-name", "--model", "-m", env="MODEL_NAME",
+        help="Hub id (from the local HF cache, see `tgis download-weights`) or model directory. "
+             "Default: the built-in SmolLM2-135M-Instruct.")
+    revision: str | None = _opt(None, "--revision", env="REVISION", help="Hub revision.")
+    dtype: str | None = _opt(None, "--dtype", env="DTYPE", help="Weights dtype (default: bfloat16/float16 on GPU, "
+                             "float32 on CPU).", check=(lambda v: v in DTYPES, "Unrecognized data type: {value}"))
+    dtype_str: str | None = _opt(None, "--dtype-str", env="DTYPE_STR", help="Alias of --dtype (TGIS).",
+                                 check=(lambda v: v in DTYPES, "Unrecognized data type: {value}"))
+    device: str | None = _opt(None, "--device", env="DEVICE", help="torch device (default: cuda if available).")
+    trust_remote_code: bool = _opt(False, "--trust-remote-code", env="TRUST_REMOTE_CODE",
+                                   help="Allow model code from the model directory.")
+    num_shard: int | None = _opt(None, "--num-shard", env="NUM_SHARD", help="Tensor-parallel ranks (TGIS).",
+                                 check=(_positive, "`num_shard` / NUM_GPUS cannot be < 1"))
+    num_gpus: int | None = _opt(None, "--num-gpus", env="NUM_GPUS", help="Same as --num-shard; must agree with it.",
+                                check=(_positive, "NUM_GPUS must be a positive integer"))
+    cuda_process_memory_fraction: float = _opt(
+        1.0, "--cuda-process-memory-fraction", "-c", env="CUDA_PROCESS_MEMORY_FRACTION",
+        help="Share of GPU memory this process may allocate.",
+        check=(_fraction, "cuda_process_memory_fraction must be in range 0 < x <= 1"))
+    # limits and batching
+    max_concurrent_requests: int = _opt(512, "--max-concurrent-requests", env="MAX_CONCURRENT_REQUESTS",
+                                        help="In-flight inputs before `Model is overloaded`.",
+                                        check=(_positive, "max_concurrent_requests must be > 0"))
+    max_sequence_length: int | None = _opt(
+        None, "--max-sequence-length", env="MAX_SEQUENCE_LENGTH",
+        help="Input + output token limit (default: from the model config, else 2048).",
+        check=(lambda v: v >= 2, "max_sequence_length ({value}) must be at least 2 (1 input + 1 output)"))
+    max_new_tokens: int = _opt(1024, "--max-new-tokens", env="MAX_NEW_TOKENS",
+                               help="Server cap on max_new_tokens (lowered to max_sequence_length - 1).",
+                               check=(_positive, "max_new_tokens ({value}) at least 1"))
+    max_batch_size: int = _opt(12, "--max-batch-size", env="MAX_BATCH_SIZE", help="Sequences per batch.",
+                               check=(_positive, "max_batch_size ({value}) must be at least 1"))
+    max_waiting_tokens: int = _opt(24, "--max-waiting-tokens", env="MAX_WAITING_TOKENS",
+                                   help="Decode steps before waiting requests are forced into the batch.",
+                                   check=(_positive, "max_waiting_tokens ({value}) must be at least 1"))
+    max_prefill_tokens: int = _opt(4096, "--max-prefill-tokens", env="MAX_PREFILL_TOKENS",
+                                   help="Padded prompt tokens per prefill step.",
+                                   check=(_positive, "max_prefill_tokens ({value}) must be at least 1"))
+    kv_cache_memory_fraction: float = _opt(
+        0.9, "--kv-cache-memory-fraction", env="KV_CACHE_MEMORY_FRACTION",
+        help="Share of free device memory the KV cache may use.",
+        check=(_fraction, "kv_cache_memory_fraction ({value}) must be in range 0 < x <= 1"))
+    kv_cache_tokens: int | None = _opt(None, "--kv-cache-tokens", env="KV_CACHE_TOKENS",
+                                       help="KV cache capacity in token slots (overrides the memory fraction).",
+                                       check=(_positive, "kv_cache_tokens ({value}) must be at least 1"))
+    # output
+    output_special_tokens: bool = _opt(False, "--output-special-tokens", env="OUTPUT_SPECIAL_TOKENS",
+                                       help="Keep special tokens (except a final EOS) in output text.")
+    default_include_stop_seqs: bool = _opt(True, "--default-include-stop-seqs", env="DEFAULT_INCLUDE_STOP_SEQS",
+                                           help="Default of include_stop_sequence (true/false).",
+                                           explicit_bool=True)
+    # network
+    host: str = _opt("0.0.0.0", "--host", env="HOST", help="Address both listeners bind to.")
+    port: int = _opt(3000, "--port", "-p", env="PORT", help="HTTP port of /health and /metrics.",
+                     check=(_port, "port ({value}) must be in 1..65535"))
+    grpc_port: int = _opt(8033, "--grpc-port", "-g", env="GRPC_PORT", help="gRPC port (fmaas.GenerationService).",
+                          check=(_port, "grpc_port ({value}) must be in 1..65535"))
+    tls_cert_path: str | None = _opt(None, "--tls-cert-path", env="TLS_CERT_PATH", help="Server certificate (PEM).")
+    tls_key_path: str | None = _opt(None, "--tls-key-path", env="TLS_KEY_PATH", help="Server private key (PEM).")
+    tls_client_ca_cert_path: str | None = _opt(None, "--tls-client-ca-cert-path", env="TLS_CLIENT_CA_CERT_PATH",
+                                               help="CA for client certificates: enables mutual TLS.")
+    # process
+    json_output: bool = _opt(False, "--json-output", env="JSON_OUTPUT", help="Log JSON lines.")
+    termination_log_path: str = _opt("/dev/termination-log", "--termination-log-path", env="TERMINATION_LOG_PATH",
+                                     help="Where a fatal start-up error is written (when writable).")
+    shutdown_grace_period: float = _opt(30.0, "--shutdown-grace-period", env="SHUTDOWN_GRACE_PERIOD",
+                                        help="Seconds in-flight requests get to finish after SIGTERM/SIGINT.",
+                                        check=(lambda v: v >= 0, "shutdown_grace_period ({value}) must be >= 0"))
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value (single options first, then combinations, as TGIS)."""
+        for f in fields(self):
+            value, check = getattr(self, f.name), f.metadata["check"]
+            if value is not None and check is not None and not check[0](value):
+                raise ConfigError(check[1].format(value=value))
+        if self.dtype and self.dtype_str and self.dtype != self.dtype_str:
+            raise ConfigError("dtype and dtype_str args both provided with different values")
+        if self.num_shard and self.num_gpus and self.num_shard != self.num_gpus:
+            raise ConfigError(f"NUM_GPUS and num_shard are set to different values ({self.num_gpus} and "
+                              f"{self.num_shard})")
+        if bool(self.tls_cert_path) != bool(self.tls_key_path):
+            raise ConfigError("tls: must provide both cert and key")
+        if self.tls_client_ca_cert_path and not self.tls_cert_path:
+            raise ConfigError("tls: cannot provide client ca cert without keypair")
+        if self.world_size > 1:
+            raise ConfigError(f"{self.world_size} shards requested: tensor parallelism is not available in "
+                              "`tgis serve` yet; use --num-gpus 1")
+
+    @property
+    def effective_dtype(self) -> str | None:
+        return self.dtype or self.dtype_str
+
+    @property
+    def world_size(self) -> int:
+        """Explicit --num-shard / NUM_GPUS only: one process serves one device, so visible-device lists (which
+        TGIS counts, spec §4.2) must not make a plain start fail."""
+        return self.num_shard or self.num_gpus or 1
+
+
+def option_fields() -> list[tuple[str, type, Any, dict]]:
+    """(name, base type, default, metadata) per option, with `X | None` unwrapped to X."""
+    hints = typing.get_type_hints(ServerConfig)
+    out = []
+    for f in fields(ServerConfig):
+        base = hints[f.name]
+        args = [a for a in typing.get_args(base) if a is not type(None)]
+        out.append((f.name, args[0] if args else base, f.default, dict(f.metadata)))
+    return out
+
+
+def parse_bool(value: str | bool) -> bool:
+    """TGIS/clap boolean values: true/false, 1/0, yes/no, on/off (case-insensitive)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on", "t", "y"):
+        return True
+    if text in ("false", "0", "no", "off", "f", "n"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false)")

@@ -1,0 +1,179 @@
+"""`tgis serve` wiring: resolve the model and limits, load the engine, start gRPC (with health and reflection) and
+HTTP, then drain on SIGTERM/SIGINT and exit 0. A fatal start-up error goes to the termination log and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import generation_pb2 as pb
+from proto import generation_pb2_grpc as pb_grpc
+from runtime.config import ServerConfig
+from runtime.engine.config import EngineConfig
+from runtime.server.grpc_service import GenerationServicer
+from runtime.server.http import HealthMetricsServer
+from runtime.server.metrics import Metrics
+from runtime.server.tls import server_credentials
+
+log = logging.getLogger("tgis.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_LOG_EXTRAS = ("correlation_id", "request_id", "input_toks")
+
+
+class _Formatter(logging.Formatter):
+    """Text or JSON lines; request fields (correlation id, ...) are appended / included when present."""
+
+    def __init__(self, as_json: bool):
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = {k: getattr(record, k) for k in _LOG_EXTRAS if hasattr(record, k)}
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if self.as_json:
+            return json.dumps({"timestamp": self.formatTime(record), "level": record.levelname,
+                               "target": record.name, "message": message, **extras}, ensure_ascii=False)
+        tail = "".join(f" {k}={v}" for k, v in extras.items())
+        return f"{self.formatTime(record)} {record.levelname} {record.name}: {message}{tail}"
+
+
+def configure_logging(as_json: bool) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(_Formatter(as_json))
+
+
+def write_termination_log(path: str, message: str) -> None:
+    """Best effort, as TGIS: the file may not exist or be writable outside Kubernetes."""
+    try:
+        Path(path).write_text(message)
+    except OSError:
+        pass
+
+
+def resolve_model_dir(name: str | None, revision: str | None) -> Path:
+    if not name:
+        from runtime.default_model import ensure_default_model
+
+        return ensure_default_model()
+    if (Path(name) / "config.json").is_file():
+        return Path(name)
+    from runtime.hub import resolve_model_path
+
+    return resolve_model_path(name, revision)
+
+
+def resolve_limits(config: ServerConfig, model_dir: Path) -> tuple[int, int]:
+    """(S, effective max_new_tokens): S from the option, else the model config keys of spec §4.3, else 2048; the
+    server's max_new_tokens is lowered to S - 1 when it does not fit."""
+    from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, model_max_sequence_length
+
+    model_s = model_max_sequence_length(model_dir)
+    if config.max_sequence_length:
+        s, source = config.max_sequence_length, "user-defined"
+        if model_s and s > model_s:
+            log.warning("max_sequence_length %d is larger than the model's (%d)", s, model_s)
+    elif model_s:
+        s, source = model_s, "model"
+    else:
+        s, source = DEFAULT_MAX_SEQUENCE_LENGTH, "default"
+    log.info("Using %s max_sequence_length: %d", source, s)
+    max_new = config.max_new_tokens
+    if max_new >= s:
+        log.warning("max_new_tokens (%d) lowered to max_sequence_length - 1 (%d)", max_new, s - 1)
+        max_new = s - 1
+    return s, max_new
+
+
+def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: int) -> EngineConfig:
+    return EngineConfig(
+        model_path=str(model_dir), dtype=config.effective_dtype, device=config.device,
+        max_sequence_length=max_sequence_length, max_batch_size=config.max_batch_size,
+        max_waiting_tokens=config.max_waiting_tokens, max_prefill_tokens=config.max_prefill_tokens,
+        kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+        output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code)
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT; the process exit code."""
+    configure_logging(config.json_output)
+    try:
+        return asyncio.run(_serve(config))
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+        log.error("fatal: %s", message, exc_info=not isinstance(exc, ValueError))
+        write_termination_log(config.termination_log_path, message)
+        return 1
+
+
+async def _serve(config: ServerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    config.validate()
+    credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    model_dir = resolve_model_dir(config.model_name, config.revision)
+    max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
+    if config.cuda_process_memory_fraction < 1.0:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(config.cuda_process_memory_fraction)
+
+    from runtime.engine.async_engine import AsyncEngine
+
+    started = time.monotonic()
+    engine = await asyncio.to_thread(AsyncEngine, engine_config(config, model_dir, max_sequence_length))
+    log.info("Model %s loaded in %.1f s", model_dir, time.monotonic() - started)
+    try:
+        return await _run_servers(config, engine, credentials, max_new_tokens, stop)
+    finally:
+        engine.shutdown()
+
+
+async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens: int, stop: asyncio.Event) -> int:
+    metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
+    engine.add_step_listener(metrics.on_step)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
+        engine, metrics, max_new_tokens, config.max_concurrent_requests, config.default_include_stop_seqs), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.grpc_port}"
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = HealthMetricsServer(config.host, config.port, asyncio.get_running_loop(), engine.check_health,
+                               metrics.render)
+    http.start()
+    log.info("Serving %s on %s (%s) and /health, /metrics on %s:%d", SERVICE_NAME, address,
+             "mTLS" if config.tls_client_ca_cert_path else "TLS" if credentials else "plaintext", config.host,
+             http.port)
+    await stop.wait()
+    log.info("Shutting down: finishing in-flight requests (grace period %.0f s)", config.shutdown_grace_period)
+    await health_servicer.enter_graceful_shutdown()
+    await asyncio.to_thread(http.stop)
+    await server.stop(config.shutdown_grace_period)
+    log.info("Shutdown complete")
+    return 0
