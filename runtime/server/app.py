@@ -72,8 +72,10 @@ def resolve_model_dir(name: str | None, revision: str | None) -> Path:
         return ensure_default_model()
     if (Path(name) / "config.json").is_file():
         return Path(name)
-    from runtime.hub import resolve_model_path
-
+    try:
+        from runtime.hub import resolve_model_path
+    except ImportError:  # hub resolution is landing separately; until then only model directories work
+        raise ValueError(f"Model {name} not found: not a directory containing config.json") from None
     return resolve_model_path(name, revision)
 
 

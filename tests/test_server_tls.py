@@ -1,0 +1,76 @@
+"""TLS and mutual TLS on the gRPC port, and start-up failures (bad options, unreadable TLS files) that must exit
+non-zero with TGIS' message in the termination log."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import trustme
+from server_harness import run_to_exit, running_server
+
+from proto import generation_pb2 as pb
+from proto import generation_pb2_grpc as pb_grpc
+
+TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost")
+    client = ca.issue_cert("client.example")
+    paths = {"ca": root / "ca.pem", "cert": root / "cert.pem", "key": root / "key.pem"}
+    ca.cert_pem.write_to_path(paths["ca"])
+    server.private_key_pem.write_to_path(paths["key"])
+    server.cert_chain_pems[0].write_to_path(paths["cert"])
+    creds = {"root_certificates": ca.cert_pem.bytes(), "private_key": client.private_key_pem.bytes(),
+             "certificate_chain": client.cert_chain_pems[0].bytes()}
+    return paths, creds
+
+
+def _model_info(target: str, credentials: grpc.ChannelCredentials | None) -> pb.ModelInfoResponse:
+    if credentials is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", "localhost")])
+    with channel:
+        return pb_grpc.GenerationServiceStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=TIMEOUT)
+
+
+def test_tls_and_mtls(tiny_model, pki, tmp_path):
+    paths, client = pki
+    model = tiny_model("gpt2")
+    tls = ("--tls-cert-path", str(paths["cert"]), "--tls-key-path", str(paths["key"]))
+    with running_server(model, tmp_path / "tls", *tls) as server:
+        info = _model_info(server.target, grpc.ssl_channel_credentials(client["root_certificates"]))
+        assert info.max_sequence_length > 0 and info.model_kind == pb.ModelInfoResponse.DECODER_ONLY
+        with pytest.raises(grpc.RpcError) as err:
+            _model_info(server.target, None)  # plaintext against TLS
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.http("/health")[0] == 200  # HTTP stays plain
+    with running_server(model, tmp_path / "mtls", *tls, "--tls-client-ca-cert-path", str(paths["ca"])) as server:
+        assert _model_info(server.target, grpc.ssl_channel_credentials(**client)).max_sequence_length > 0
+        with pytest.raises(grpc.RpcError) as err:
+            _model_info(server.target, grpc.ssl_channel_credentials(client["root_certificates"]))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (("--tls-cert-path", "/nonexistent/cert.pem", "--tls-key-path", "/nonexistent/key.pem"), {},
+     "couldn't load cert from /nonexistent/cert.pem"),
+    (("--tls-cert-path", "/etc/hostname"), {}, "tls: must provide both cert and key"),
+    ((), {"MAX_SEQUENCE_LENGTH": "1"}, "max_sequence_length (1) must be at least 2 (1 input + 1 output)"),
+    ((), {"MAX_CONCURRENT_REQUESTS": "0"}, "max_concurrent_requests must be > 0"),
+    (("--model-name", "/nonexistent-model-dir"), {}, "/nonexistent-model-dir"),
+])
+def test_fatal_start_errors_go_to_termination_log(tmp_path, args, env, message):
+    code, output = run_to_exit(None, tmp_path, *args, env=env)
+    assert code == 1, output
+    assert message in (tmp_path / "termination-log").read_text()
+    assert message in output
+
+
+def test_unparseable_env_value_fails_before_start(tmp_path):
+    code, output = run_to_exit(None, tmp_path, env={"MAX_BATCH_SIZE": "many"})
+    assert code == 2 and "MAX_BATCH_SIZE" in output
