@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.engine.config import EngineConfig
-from runtime.engine.detokenizer import TokenizerInfo
+from runtime.engine.detokenizer import DetokenizationError, TokenizerInfo
 from runtime.engine.kv_cache import KVCacheManager, bytes_per_slot, size_capacity
 from runtime.engine.model_runner import Batch, ModelRunner, PrefillItem, layer_groups
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
@@ -252,7 +252,12 @@ class EngineCore:
         now = time.monotonic()
         outputs = []
         for i, seq in enumerate(seqs):
-            out = self._advance(seq, result.token_ids[i], result.details[i], now)
+            try:
+                out = self._advance(seq, result.token_ids[i], result.details[i], now)
+            except DetokenizationError as exc:  # fails this request alone (spec §3.2)
+                seq.status = SeqStatus.FINISHED
+                out = RequestOutput(seq.id, generated_token_count=len(seq.generated), finished=True,
+                                    stop_reason=StopReason.ERROR, error=str(exc), error_stage="detokenization")
             if seq.params.input_tokens and not seq.input_details_sent:
                 out.input_tokens = self._input_details(seq, None if prompt_logits is None else prompt_logits[i])
                 seq.input_details_sent = True

@@ -100,6 +100,7 @@ class RequestOutput:
     stop_reason: StopReason = StopReason.NOT_FINISHED
     stop_sequence: str | None = None
     output_text: str | None = None  # final message only
-    error: str | None = None  # set (with finished=True, stop_reason ERROR) when generation failed
+    error: str | None = None  # set (with finished=True, stop_reason ERROR) when the request failed
+    error_stage: str = "generation"  # "generation" | "detokenization": TGIS words the two failures differently
     queue_time: float = 0.0  # seconds spent waiting before the first forward pass (final message)
     inference_time: float = 0.0  # seconds from batch entry to finish (final message)
