@@ -5,6 +5,7 @@ metrics, health and reflection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
@@ -32,7 +33,7 @@ def model_dir(tiny_model):
 def server(model_dir, tmp_path_factory):
     with running_server(model_dir, tmp_path_factory.mktemp("grpc-server"), "--max-sequence-length", str(S),
                         "--max-new-tokens", str(MAX_NEW), "--max-batch-size", "16",
-                        "--max-concurrent-requests", str(CONCURRENCY)) as srv:
+                        "--max-concurrent-requests", str(CONCURRENCY), "--json-output") as srv:
         yield srv
 
 
@@ -347,3 +348,16 @@ def test_health_and_reflection(server):
                                                    timeout=T)
         names = {s.name for s in answer.list_services_response.service}
         assert {"fmaas.GenerationService", "grpc.health.v1.Health"} <= names
+
+
+def test_json_completion_log_with_correlation_id(server, stub):
+    [r] = stub.Generate(gen_request("log me", stopping=stopping(max_new_tokens=4, min_new_tokens=4)), timeout=T,
+                        metadata=[("x-correlation-id", "corr-42")]).responses
+    deadline = time.monotonic() + 10
+    while "corr-42" not in server.logs():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    [line] = [json.loads(x) for x in server.logs().splitlines() if "corr-42" in x]
+    assert line["correlation_id"] == "corr-42" and line["level"] == "INFO"
+    assert line["message"] == (f"Request generated 4 tokens before MaxTokens, output {len(r.text.encode())} bytes: "
+                               f"{json.dumps(r.text[:32], ensure_ascii=False)}")

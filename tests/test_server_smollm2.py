@@ -4,11 +4,13 @@ greedy parity with transformers, TOKEN_LIMIT clamping, and a graceful SIGTERM du
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from server_harness import running_server
+from server_harness import REPO, running_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from proto import generation_pb2 as pb
@@ -58,6 +60,16 @@ def test_token_limit_when_output_does_not_fit(stub):
         truncate_input_tokens=186, stopping=pb.StoppingCriteria(max_new_tokens=100, min_new_tokens=14))),
         timeout=T).responses
     assert (r.input_token_count, r.generated_token_count, r.stop_reason) == (186, 14, pb.TOKEN_LIMIT)
+
+
+def test_readme_python_client_works(server):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("From Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "localhost:8033" in block
+    out = subprocess.run([sys.executable, "-c", block.replace("localhost:8033", server.target)], cwd=REPO,
+                         capture_output=True, text=True, timeout=T)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
 
 
 def test_sigterm_lets_the_running_stream_finish_then_exits_0(server, stub):

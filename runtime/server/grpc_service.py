@@ -102,6 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             yield pb.GenerationResponse(input_token_count=inp.input_length, seed=self._seed(inp),
                                         text=inp.text if request.params.response.input_text else "")
             text: list[str] = []
+            finished = False
             try:
                 async with contextlib.aclosing(self.engine.generate(inp.request)) as outputs:
                     async for out in outputs:
@@ -117,12 +118,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         if out.finished:
                             msg.stop_reason, msg.stop_sequence = out.stop_reason, out.stop_sequence or ""
                             msg.seed = self._seed(inp)
+                            finished = True
                             self._completed(out, "stream", "Streaming response", inp, "".join(text), start, context)
                             yield msg
                         elif msg.text or msg.tokens:
                             yield msg
             except (asyncio.CancelledError, GeneratorExit):
-                self._cancelled(1, context)
+                if not finished:  # a client leaving after the final message cancelled nothing
+                    self._cancelled(1, context)
                 raise
 
     async def Tokenize(self, request: pb.BatchedTokenizeRequest, context) -> pb.BatchedTokenizeResponse:  # noqa: N802
