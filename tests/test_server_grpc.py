@@ -90,9 +90,9 @@ def test_model_info_and_tokenize(stub, hf):
         assert r.token_count == len(enc.input_ids)
         assert list(r.tokens) == tok.convert_ids_to_tokens(enc.input_ids) and r.tokens[0] == "<s>"
         assert (r.offsets[0].start, r.offsets[0].end) == (0, 0)  # BOS
-        raw = text.encode()
-        pieces = b"".join(raw[o.start:o.end] for o in r.offsets[1:])
-        assert pieces == raw  # UTF-8 byte offsets tile the text
+        raw = text.encode()  # byte offsets select exactly the characters HF's character offsets select
+        assert [raw[o.start:o.end].decode() for o in r.offsets] == [text[s:e] for s, e in enc.offset_mapping]
+    assert resp.responses[0].offsets[-1].end == len("café naïve 中文".encode()) == 19
     truncated = stub.Tokenize(pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=texts[0])],
                                                         return_tokens=True, truncate_input_tokens=3), timeout=T)
     assert truncated.responses[0].token_count == 3
@@ -180,9 +180,9 @@ def test_unseeded_sampling_draws_distinct_u32_seeds(stub):
 
 
 def _validation_cases(tok) -> list[tuple[dict, str, str]]:
-    long_text = "word " * 600
+    long_text = " the" * 600
     long_len = len(tok(long_text).input_ids)
-    near_text = "word " * 250
+    near_text = " the" * 300
     near_len = len(tok(near_text).input_ids)
     sample = pb.SAMPLE
     lp = pb.DecodingParameters.LengthPenalty
@@ -231,7 +231,7 @@ def test_validation_messages_unary_and_stream(stub, hf):
 
 def test_length_clamp_reports_token_limit_and_truncation(stub, hf):
     _, tok = hf
-    text = "word " * 250
+    text = " the" * 300
     n = len(tok(text).input_ids)
     [r] = stub.Generate(gen_request(text, stopping=stopping(max_new_tokens=MAX_NEW, min_new_tokens=S - n)),
                         timeout=T).responses
@@ -287,6 +287,8 @@ def test_cancelled_streams_free_the_engine(server, stub):
     stub.Generate(follow, timeout=T)
     alone = time.monotonic() - t0
     before = server.metrics().get('tgi_request_failure{err="cancelled"}', 0)
+    success_key = 'tgi_request_success{kind="stream",stop_reason="MAX_TOKENS"}'
+    successes = server.metrics().get(success_key, 0)
     long = stream_request(PROMPTS[0], stopping=stopping(max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW))
     calls = [stub.GenerateStream(long, timeout=T) for _ in range(16)]
     for call in calls:
@@ -302,6 +304,7 @@ def test_cancelled_streams_free_the_engine(server, stub):
         time.sleep(0.1)
     assert server.metrics()['tgi_request_failure{err="cancelled"}'] - before == 16
     assert server.metrics()["tgi_batch_current_size"] == 0
+    assert server.metrics().get(success_key, 0) == successes  # none of them ran to completion
 
 
 def test_metrics_move_with_traffic(server, stub):
