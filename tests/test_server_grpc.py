@@ -360,7 +360,8 @@ def test_json_completion_log_with_correlation_id(server, stub):
     while "corr-42" not in server.logs():
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    [line] = [json.loads(x) for x in server.logs().splitlines() if "corr-42" in x]
+    lines = [json.loads(x) for x in server.logs().splitlines()]  # every line is one JSON object
+    [line] = [x for x in lines if x.get("correlation_id") == "corr-42"]
     assert line["correlation_id"] == "corr-42" and line["level"] == "INFO"
     assert line["message"] == (f"Request generated 4 tokens before MaxTokens, output {len(r.text.encode())} bytes: "
                                f"{json.dumps(r.text[:32], ensure_ascii=False)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -55,6 +56,11 @@ def configure_logging(as_json: bool) -> None:
         root.addHandler(logging.StreamHandler())
     for handler in root.handlers:
         handler.setFormatter(_Formatter(as_json))
+    if as_json:  # progress bars would break the one-JSON-object-per-line contract
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def write_termination_log(path: str, message: str) -> None:
