@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
+from server_harness import http_get
 from transformers import AutoTokenizer
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail, TopToken
+from runtime.server import http as http_module
 from runtime.server.grpc_service import GenerationServicer
+from runtime.server.http import HealthMetricsServer
 from runtime.server.metrics import Metrics
 
 
@@ -206,3 +210,34 @@ def test_overload(tokenizer):
     result, _, metrics = run_with_server(tokenizer, body, max_concurrent=2)
     assert result == (grpc.StatusCode.RESOURCE_EXHAUSTED, "Model is overloaded")
     assert 'tgi_request_failure{err="conc_limit"} 1.0' in metrics.render().decode()
+
+
+def test_http_health_and_metrics_endpoints(monkeypatch):
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    state = {"healthy": False, "delay": 0.0}
+
+    async def check() -> bool:
+        await asyncio.sleep(state["delay"])
+        if state["healthy"] is None:
+            raise RuntimeError("engine thread died")
+        return state["healthy"]
+
+    server = HealthMetricsServer("127.0.0.1", 0, loop, check, lambda: b"tgi_queue_size 0.0\n")
+    server.start()
+    try:
+        assert http_get(server.port, "/health") == (503, b'{"error":"unhealthy"}')
+        state["healthy"] = True
+        assert http_get(server.port, "/health") == (200, b"")
+        state["healthy"] = None
+        assert http_get(server.port, "/health") == (503, b'{"error":"unhealthy"}')
+        state["healthy"], state["delay"] = True, 5.0
+        monkeypatch.setattr(http_module, "HEALTH_TIMEOUT_S", 0.2)
+        assert http_get(server.port, "/health") == (503, b'{"error":"Healthcheck timed-out"}')
+        assert http_get(server.port, "/metrics") == (200, b"tgi_queue_size 0.0\n")
+        assert http_get(server.port, "/generate")[0] == 404
+    finally:
+        server.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
