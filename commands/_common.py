@@ -35,6 +35,8 @@ def resolve_model(name: str | None, revision: str | None = None) -> Path:
         from runtime.default_model import ensure_default_model
 
         return ensure_default_model()
+    if (Path(name) / "config.json").exists():
+        return Path(name)
     from runtime.hub import ModelNotFoundError, resolve_model_path
 
     try:
