@@ -216,7 +216,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 final = out
         if final.error is not None:
             self._log_failure(final, label, inp, context)
-            raise _GenerationFailed(f"Request failed during generation: {final.error}")
+            raise _GenerationFailed(f"Request failed during {final.error_stage}: {final.error}")
         text = final.output_text or ""
         timed_out_queued = final.stop_reason == StopReason.TIME_LIMIT and final.generated_token_count == 0
         if params.response.input_text and not timed_out_queued:
@@ -234,7 +234,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _fail(self, out: RequestOutput, label: str, inp: _Input, context) -> None:
         self._log_failure(out, label, inp, context)
         self.metrics.inc("tgi_request_failure", err="generate")
-        await context.abort(grpc.StatusCode.UNKNOWN, f"Request failed during generation: {out.error}")
+        await context.abort(grpc.StatusCode.UNKNOWN, f"Request failed during {out.error_stage}: {out.error}")
 
     def _seed(self, inp: _Input) -> int:
         params = inp.request.params
