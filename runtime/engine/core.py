@@ -53,8 +53,6 @@ class StepStats:
     remaining_tokens: int = 0
     concatenated: bool = False
     queue_durations_s: list[float] = field(default_factory=list)
-    cancelled: int = 0
-    timed_out_in_queue: int = 0
     preempted: int = 0  # running requests sent back to the queue for recomputation (KV cache full)
 
 
@@ -94,7 +92,6 @@ class EngineCore:
         self.emit: Callable[[list[RequestOutput]], None] = lambda outputs: None
         self.listeners: list[Callable[[StepStats], None]] = []
         self.healthy = True
-        self._pending_cancels = 0
 
     # ---- messages in -------------------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -168,7 +165,6 @@ class EngineCore:
         seq = self.scheduler.find(request_id)
         if seq is None:
             return
-        self._pending_cancels += 1
         if seq.status is SeqStatus.WAITING:
             self.scheduler.remove_waiting([seq])
             seq.status = SeqStatus.FINISHED
@@ -184,9 +180,7 @@ class EngineCore:
             self.emit([self._finish_unstarted(s) for s in expired])
         new = self.scheduler.schedule_prefill()
         if new:
-            self._prefill(new, len(expired))
-        elif expired:
-            self._publish(StepStats("prefill", 0, timed_out_in_queue=len(expired)), count=False)
+            self._prefill(new)
         if self.scheduler.running:
             self._decode()
 
@@ -195,11 +189,10 @@ class EngineCore:
         return RequestOutput(seq.id, finished=True, stop_reason=StopReason.TIME_LIMIT, output_text="",
                              queue_time=time.monotonic() - seq.arrival)
 
-    def _prefill(self, seqs: list[Sequence], timed_out: int) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
         t0 = time.monotonic()
         items = [s.prefill_item(self.start_id) for s in seqs]
-        stats = StepStats("prefill", len(seqs), timed_out_in_queue=timed_out,
-                          total_tokens=len(seqs) * max(len(it.tokens) for it in items),
+        stats = StepStats("prefill", len(seqs), total_tokens=len(seqs) * max(len(it.tokens) for it in items),
                           concatenated=self.batch is not None)
         try:
             batch, logits, prompt_logits = self.runner.prefill(items)
@@ -338,15 +331,14 @@ class EngineCore:
         return RequestOutput(seq.id, generated_token_count=n, finished=True, stop_reason=StopReason.ERROR,
                              error=prefix + detail)
 
-    def _publish(self, stats: StepStats, count: bool = True) -> None:
-        if count and stats.ok:
+    def _publish(self, stats: StepStats) -> None:
+        if stats.ok:
             self.healthy = True
         sched = self.scheduler
         stats.queue_size = len(sched.waiting)
         stats.running = len(sched.running)
         stats.batch_input_tokens = self.batch.mask.numel() if self.batch is not None else 0
         stats.remaining_tokens = sum(s.remaining for s in sched.running)
-        stats.cancelled, self._pending_cancels = self._pending_cancels, 0
         for fn in self.listeners:
             fn(stats)
 
