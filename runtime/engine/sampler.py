@@ -1,13 +1,13 @@
 """Next-token selection and token information, batch-wise on the device (TGIS spec §5.5, §5.6, §1.9).
 
-Order per step: min_new_tokens EOS mask / exponential length penalty → repetition penalty → (only if some row
-samples) temperature, top-k, top-p, typical-p → greedy argmax or sampling → token info from the processed scores.
-Sampling divides the softmax by Exponential(1) noise drawn from the row's own seeded generator and takes the argmax
-(equivalent to multinomial sampling), so a seeded request gives the same tokens whatever else is in the batch.
+Order per step: min_new_tokens EOS mask / exponential length penalty → repetition penalty → (only for sampling rows)
+temperature, top-k, top-p, typical-p → greedy argmax or sampling → token info from the processed scores. Per-row
+parameters become [B, 1] tensors and a stage runs only when some row needs it, on just those rows.
 
-One deliberate difference from TGIS: TGIS restores the EOS score after the repetition penalty when EOS == PAD and
-the batch has more than one row, because its histories include left padding. Our histories hold only real tokens,
-so padding never penalises EOS and the restore (which would make results depend on batch size) is not needed.
+Sampling divides the softmax by Exponential(1) noise drawn from the row's own seeded generator and takes the argmax
+(equivalent to multinomial sampling without a host sync), so a seeded request gives the same tokens whatever else is
+in the batch. The one TGIS rule that breaks this is kept on purpose: with EOS == PAD and more than one row, the EOS
+score is restored after the repetition penalty (TGIS did it so left padding would not penalise EOS).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from runtime.engine.request import GenerationParams, TokenDetail, TopToken
 
 NEG_INF = float("-inf")
+INPUT_CHUNK = 256  # prompt positions scored at once: bounds the [chunk, V] temporaries for long prompts
 
 
 @dataclass
@@ -33,7 +34,7 @@ class SamplerRow:
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    details: list[TokenDetail | None]
+    details: list[TokenDetail | None]  # per row; None unless params.generated_tokens
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -42,54 +43,58 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return gen
 
 
-def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+def _column(values: list[float], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-row parameters as a [B, 1] tensor on the scores' device (one host-to-device copy)."""
+    return torch.tensor(values, dtype=dtype or like.dtype).to(like.device, non_blocking=True).unsqueeze(1)
 
 
 def _eos_adjust(scores: torch.Tensor, rows: list[SamplerRow], eos: int) -> None:
-    """min_new_tokens masks EOS; afterwards the length penalty raises it: e + |e| * (decay^p - 1)."""
+    """min_new_tokens masks EOS; past `start`, the length penalty raises it: e + |e| * (decay^p - 1)."""
+    masked, penalised, factors = [], [], []
     for i, r in enumerate(rows):
-        p = r.params
-        if r.num_generated < p.min_new_tokens:
-            scores[i, eos] = NEG_INF
-        elif p.length_penalty is not None:
-            start, decay = p.length_penalty
-            over = r.num_generated - start
-            if over > 0:
-                e = scores[i, eos]
-                scores[i, eos] = e + e.abs() * (decay**over - 1)
+        if r.num_generated < r.params.min_new_tokens:
+            masked.append(i)
+        elif r.params.length_penalty is not None:
+            start, decay = r.params.length_penalty
+            if r.num_generated - start > 0:
+                penalised.append(i)
+                factors.append(decay ** (r.num_generated - start) - 1)  # in double, like HF
+    if penalised:
+        idx = torch.tensor(penalised, device=scores.device)
+        e = scores[idx, eos]
+        penalty = e.abs() * torch.tensor(factors, dtype=scores.dtype).to(scores.device)
+        scores[idx, eos] = e + penalty.masked_fill(~e.isfinite(), 0.0)  # ±inf stays put instead of turning NaN
+    if masked:
+        scores[torch.tensor(masked, device=scores.device), eos] = NEG_INF
 
 
-def _repetition_penalty(scores: torch.Tensor, rows: list[SamplerRow]) -> None:
-    """CTRL-style: every id in the row's history, score < 0 → score·θ, else score/θ."""
-    width = max(len(r.history) for r in rows) or 1
-    hist = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r.history:
-            hist[i, : len(r.history)] = torch.tensor(r.history)
-            hist[i, len(r.history):] = r.history[0]  # duplicates write the same value
-    hist = hist.to(scores.device)
+def _repetition_penalty(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """CTRL style: each id in the row's history, once: score < 0 → score·θ, else score/θ (θ = 1 rows untouched)."""
+    batch, vocab = scores.shape
+    row_of = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 for _ in r.history]
+    ids = [t for r in rows if r.params.repetition_penalty != 1.0 for t in r.history]
+    seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=scores.device)  # column `vocab` catches strays
+    ids_t = torch.tensor(ids, dtype=torch.long).clamp_(max=vocab).to(scores.device)
+    seen[torch.tensor(row_of, dtype=torch.long).to(scores.device), ids_t] = True
     theta = _column([r.params.repetition_penalty for r in rows], scores)
-    picked = scores.gather(1, hist)
-    picked = torch.where(picked < 0, picked * theta, picked / theta)
-    has_history = torch.tensor([bool(r.history) for r in rows], device=scores.device)
-    scores.scatter_(1, hist, torch.where(has_history.unsqueeze(1), picked, scores.gather(1, hist)))
+    penalised = torch.where(scores < 0, scores * theta, scores / theta)
+    return torch.where(seen[:, :vocab], penalised, scores)
 
 
 def _top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    vocab = scores.shape[1]
-    k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in ks], device=scores.device)
-    kth = scores.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+    """Keep scores ≥ the row's k-th highest (k clamped to the vocabulary)."""
+    ks = [min(k, scores.shape[1]) for k in ks]
+    top = scores.topk(max(ks), dim=1).values
+    kth = top.gather(1, _column([k - 1 for k in ks], top, torch.long))
     return scores.masked_fill(scores < kth, NEG_INF)
 
 
 def _top_p(scores: torch.Tensor, ps: list[float]) -> torch.Tensor:
     """Drop tokens whose ascending cumulative probability is ≤ 1 − p, always keeping the most likely one."""
-    sorted_scores, order = scores.sort(dim=1)
-    cum = sorted_scores.softmax(dim=1).cumsum(dim=1)
-    remove = cum <= 1 - _column(ps, cum)
+    ascending, order = scores.sort(dim=1, stable=True)
+    cum = ascending.softmax(dim=1).cumsum(dim=1)
+    remove = cum <= _column([1 - p for p in ps], cum)
     remove[:, -1] = False
-    remove &= torch.tensor([p < 1 for p in ps], device=scores.device).unsqueeze(1)  # p = 1 leaves a row untouched
     return scores.masked_fill(remove.scatter(1, order, remove), NEG_INF)
 
 
@@ -98,37 +103,89 @@ def _typical_p(scores: torch.Tensor, masses: list[float]) -> torch.Tensor:
     logp = scores.log_softmax(dim=1)
     entropy = -(logp * logp.exp()).nansum(dim=1, keepdim=True)
     shifted = (-logp - entropy).abs()
-    sorted_shifted, order = shifted.sort(dim=1)
+    sorted_shifted, order = shifted.sort(dim=1, stable=True)
     cum = scores.gather(1, order).softmax(dim=1).cumsum(dim=1)
-    last = (cum < _column(masses, cum)).sum(dim=1).clamp(max=scores.shape[1] - 1)
-    remove = sorted_shifted > sorted_shifted.gather(1, last.unsqueeze(1))
-    remove[:, 0] = False
-    enabled = torch.tensor([0 < m < 1 for m in masses], device=scores.device).unsqueeze(1)
-    return scores.masked_fill(remove.scatter(1, order, remove) & enabled, NEG_INF)
+    last = (cum < _column(masses, cum)).sum(dim=1, keepdim=True).clamp_(max=scores.shape[1] - 1)
+    remove = sorted_shifted > sorted_shifted.gather(1, last)  # ties with the last kept distance stay (never the 1st)
+    return scores.masked_fill(remove.scatter(1, order, remove), NEG_INF)
 
 
-def _top_tokens(scores: torch.Tensor, logprobs: torch.Tensor | None, n: int) -> list[TopToken]:
-    """All ids scoring ≥ the n-th best (ties included, at most 4n, vocabulary order), sorted by logprob when known."""
-    n = min(n, scores.shape[0])
-    nth = scores.topk(n).values[-1]
-    if nth == NEG_INF:
-        nth = torch.tensor(torch.finfo(scores.dtype).min, device=scores.device)
-    ids = (scores >= nth).nonzero().flatten()[: 4 * n].tolist()
-    if logprobs is None:
-        return [TopToken(i) for i in ids]
-    values = logprobs[ids].tolist()
-    return [TopToken(i, lp) for lp, i in sorted(zip(values, ids, strict=True), key=lambda t: (-t[0], t[1]))]
+def _on_rows(scores: torch.Tensor, rows: list[int], warp, values: list) -> torch.Tensor:
+    """Apply a warper to a subset of rows only: disabled rows must stay bit-identical and cost nothing."""
+    if len(rows) == scores.shape[0]:
+        return warp(scores, values)
+    idx = torch.tensor(rows, device=scores.device)
+    scores[idx] = warp(scores[idx], values)
+    return scores
 
 
-def _detail(token: int, scores: torch.Tensor, logprobs: torch.Tensor | None, p: GenerationParams) -> TokenDetail:
-    detail = TokenDetail(token)
-    if p.token_logprobs:
-        detail.logprob = float(logprobs[token])
-    if p.token_ranks:
-        detail.rank = int((scores > scores[token]).sum()) + 1
-    if p.top_n_tokens:
-        detail.top_tokens = _top_tokens(scores, logprobs if p.token_logprobs else None, p.top_n_tokens)
-    return detail
+def _warp(scores: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, typical-p, in that order; greedy rows are never warped."""
+    samp = [i for i, p in enumerate(params) if p.sampling]
+    if any(params[i].temperature != 1.0 for i in samp):
+        scores = scores / _column([p.temperature if p.sampling else 1.0 for p in params], scores)
+    stages = (
+        (_top_k, lambda p: p.top_k > 0, lambda p: p.top_k),
+        (_top_p, lambda p: 0 < p.top_p < 1, lambda p: p.top_p),
+        (_typical_p, lambda p: 0 < p.typical_p < 1, lambda p: p.typical_p),
+    )
+    for warp, enabled, value in stages:
+        rows = [i for i in samp if enabled(params[i])]
+        if rows:
+            scores = _on_rows(scores, rows, warp, [value(params[i]) for i in rows])
+    return scores
+
+
+def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    """Greedy: argmax (lowest id on ties). Sampling: argmax of softmax / Exponential(1) noise from the row's RNG."""
+    chosen = scores.argmax(dim=1)
+    samp = [i for i, r in enumerate(rows) if r.params.sampling]
+    if not samp:
+        return chosen
+    idx = torch.tensor(samp, device=scores.device)
+    probs = scores[idx].softmax(dim=1)
+    noise = torch.empty_like(probs)
+    for j, i in enumerate(samp):
+        noise[j].exponential_(generator=rows[i].generator)
+    # a zero draw on a filtered (zero-probability) token would give 0/0 = NaN, which argmax would pick
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    chosen[idx] = (probs / noise).argmax(dim=1)
+    return chosen
+
+
+def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[GenerationParams]) -> list[TokenDetail]:
+    """Token info of `tokens` [N] against `scores` [N, V] (§1.9): logprob from their log-softmax, 1-based rank
+    (1 + count strictly greater), top-n = all ids ≥ the n-th best (ties, at most 4n, vocabulary order), sorted by
+    (logprob desc, id asc) only when logprobs were asked. One device-to-host transfer per field."""
+    vocab = scores.shape[1]
+    lp_rows = [p.token_logprobs for p in params]
+    ns = [min(p.top_n_tokens, vocab) for p in params]
+    tok = tokens.unsqueeze(1)
+    logprobs = scores.log_softmax(dim=1) if any(lp_rows) else None
+    chosen_lp = logprobs.gather(1, tok).squeeze(1).tolist() if logprobs is not None else None
+    ranks = ((scores > scores.gather(1, tok)).sum(dim=1) + 1).tolist() if any(p.token_ranks for p in params) else None
+    tops: list[list[TopToken]] = [[] for _ in params]
+    if max(ns) > 0:
+        n = _column(ns, scores, torch.long)
+        nth = scores.topk(max(ns), dim=1).values.gather(1, (n - 1).clamp(min=0))
+        nth = nth.masked_fill(nth == NEG_INF, torch.finfo(scores.dtype).min)  # fewer than n finite: all of them
+        picked = (scores >= nth) & (n > 0)
+        picked &= picked.cumsum(dim=1) <= 4 * n  # the 4n cap counts in vocabulary order
+        r, c = picked.nonzero(as_tuple=True)
+        values = logprobs[r, c].tolist() if logprobs is not None else [None] * len(r)
+        for row, token, lp in zip(r.tolist(), c.tolist(), values, strict=True):
+            tops[row].append(TopToken(token, lp if lp_rows[row] else None))
+    details = []
+    for i, (p, token) in enumerate(zip(params, tokens.tolist(), strict=True)):
+        d = TokenDetail(token)
+        if p.token_logprobs:
+            d.logprob = chosen_lp[i]
+        if p.token_ranks:
+            d.rank = ranks[i]
+        if ns[i] > 0:
+            d.top_tokens = sorted(tops[i], key=lambda t: (-t.logprob, t.token_id)) if p.token_logprobs else tops[i]
+        details.append(d)
+    return details
 
 
 class Sampler:
@@ -138,59 +195,39 @@ class Sampler:
         self.vocab_size = vocab_size
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
-        scores = logits.float().clone()
+        """logits: [B, V] last-position logits, any float dtype and device; processing is float32. Columns past
+        vocab_size (padded embedding rows in some checkpoints) are never chosen."""
+        scores = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         params = [r.params for r in rows]
         if self.eos is not None and any(p.min_new_tokens or p.length_penalty for p in params):
             _eos_adjust(scores, rows, self.eos)
         if any(p.repetition_penalty != 1.0 for p in params):
-            _repetition_penalty(scores, rows)
-        sampling = [p.sampling for p in params]
-        if any(sampling):
-            scores = scores / _column([p.temperature if p.sampling else 1.0 for p in params], scores)
-            if any(p.top_k > 0 for p in params):
-                scores = _top_k(scores, [p.top_k if p.sampling else 0 for p in params])
-            if any(p.sampling and p.top_p < 1.0 for p in params):
-                scores = _top_p(scores, [p.top_p if p.sampling else 1.0 for p in params])
-            if any(p.sampling and 0 < p.typical_p < 1.0 for p in params):
-                scores = _typical_p(scores, [p.typical_p if p.sampling else 1.0 for p in params])
-        chosen = scores.argmax(dim=1)
-        if any(sampling):
-            probs = scores.softmax(dim=1)
-            for i, r in enumerate(rows):
-                if sampling[i]:
-                    noise = torch.empty_like(probs[i]).exponential_(generator=r.generator)
-                    chosen[i] = (probs[i] / noise).argmax()
-        tokens = chosen.tolist()
-        wanted = [p.generated_tokens for p in params]
-        logprobs = scores.log_softmax(dim=1) if any(w and p.token_logprobs for w, p in zip(wanted, params,
-                                                                                             strict=True)) else None
-        details = [_detail(tokens[i], scores[i], None if logprobs is None else logprobs[i], params[i])
-                   if wanted[i] else None for i in range(len(rows))]
-        return SampleResult(tokens, details)
+            restore = self.eos is not None and self.eos == self.pad and len(rows) > 1
+            eos_scores = scores[:, self.eos].clone() if restore else None
+            scores = _repetition_penalty(scores, rows)
+            if restore:
+                scores[:, self.eos] = eos_scores
+        if any(p.sampling for p in params):
+            scores = _warp(scores, params)
+        chosen = _choose(scores, rows)
+        want = [i for i, p in enumerate(params) if p.generated_tokens]
+        details: list[TokenDetail | None] = [None] * len(rows)
+        if want:
+            idx = torch.tensor(want, device=scores.device)
+            for i, d in zip(want, _details(scores[idx], chosen[idx], [params[i] for i in want]), strict=True):
+                details[i] = d
+        return SampleResult(chosen.tolist(), details)
 
 
 def input_token_details(logits: torch.Tensor, input_ids: list[int], params: GenerationParams) -> list[TokenDetail]:
-    """Decoder-only input tokens (§1.9): logits [L, V] raw, position i predicting token i+1. The first position
-    has logprob NaN (when asked) and no rank or top tokens; the rest are scored against the raw logits."""
-    first = TokenDetail(input_ids[0], math.nan if params.token_logprobs else None)
-    if len(input_ids) == 1:
-        return [first]
-    raw = logits[: len(input_ids) - 1].float()
-    logprobs = raw.log_softmax(dim=1)
-    targets = torch.tensor(input_ids[1:], device=raw.device).unsqueeze(1)
-    chosen = logprobs.gather(1, targets).squeeze(1).tolist()
-    ranks = ((logprobs > logprobs.gather(1, targets)).sum(dim=1) + 1).tolist() if params.token_ranks else None
-    details = [first]
-    for i, token in enumerate(input_ids[1:]):
-        d = TokenDetail(token)
-        if params.token_logprobs:
-            d.logprob = chosen[i]
-        if ranks is not None:
-            d.rank = ranks[i]
-        if params.top_n_tokens:
-            d.top_tokens = _top_tokens(logprobs[i], logprobs[i] if params.token_logprobs else None,
-                                       params.top_n_tokens)
-        details.append(d)
+    """Decoder-only input tokens (§1.9): logits [L, V] raw, position i predicting token i+1. The first position has
+    logprob NaN (when asked) and no rank or top tokens; the rest are scored against the raw logits, no processing."""
+    details = [TokenDetail(input_ids[0], math.nan if params.token_logprobs else None)]
+    for start in range(1, len(input_ids), INPUT_CHUNK):
+        end = min(start + INPUT_CHUNK, len(input_ids))
+        raw = logits[start - 1 : end - 1].float()
+        targets = torch.tensor(input_ids[start:end]).to(raw.device)
+        details += _details(raw, targets, [params] * (end - start))
     return details
 
 
