@@ -163,15 +163,22 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
     tok = tokens.unsqueeze(1)
     logprobs = scores.log_softmax(dim=1) if any(lp_rows) else None
     chosen_lp = logprobs.gather(1, tok).squeeze(1).tolist() if logprobs is not None else None
-    ranks = ((scores > scores.gather(1, tok)).sum(dim=1) + 1).tolist() if any(p.token_ranks for p in params) else None
+    ranks = None
+    if any(p.token_ranks for p in params):
+        ranks = ((scores > scores.gather(1, tok)).sum(dim=1, dtype=torch.int32) + 1).tolist()
     tops: list[list[TopToken]] = [[] for _ in params]
     if max(ns) > 0:
         n = _column(ns, scores, torch.long)
         nth = scores.topk(max(ns), dim=1).values.gather(1, (n - 1).clamp(min=0))
         nth = nth.masked_fill(nth == NEG_INF, torch.finfo(scores.dtype).min)  # fewer than n finite: all of them
-        picked = (scores >= nth) & (n > 0)
-        picked &= picked.cumsum(dim=1) <= 4 * n  # the 4n cap counts in vocabulary order
-        r, c = picked.nonzero(as_tuple=True)
+        picked = scores >= nth
+        if min(ns) == 0:
+            picked &= n > 0
+        r, c = picked.nonzero(as_tuple=True)  # row-major: each row's ids ascend
+        counts = torch.bincount(r, minlength=len(params))
+        place = torch.arange(len(r), device=r.device) - (counts.cumsum(0) - counts)[r]
+        keep = place < 4 * n[r, 0]  # the 4n cap counts in vocabulary order
+        r, c = r[keep], c[keep]
         values = logprobs[r, c].tolist() if logprobs is not None else [None] * len(r)
         for row, token, lp in zip(r.tolist(), c.tolist(), values, strict=True):
             tops[row].append(TopToken(token, lp if lp_rows[row] else None))
@@ -212,7 +219,9 @@ class Sampler:
         chosen = _choose(scores, rows)
         want = [i for i, p in enumerate(params) if p.generated_tokens]
         details: list[TokenDetail | None] = [None] * len(rows)
-        if want:
+        if len(want) == len(rows):
+            details = _details(scores, chosen, params)
+        elif want:
             idx = torch.tensor(want, device=scores.device)
             for i, d in zip(want, _details(scores[idx], chosen[idx], [params[i] for i in want]), strict=True):
                 details[i] = d
