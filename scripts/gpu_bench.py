@@ -124,6 +124,18 @@ def decode_latency(engine: AsyncEngine, n_new: int = 128) -> float:
     return min(once() for _ in range(2))
 
 
+def step_breakdown(steps: list, wall_s: float) -> dict:
+    """Where the engine's time went: per method count, mean batch, mean step time; busy share of the wall time."""
+    out: dict = {"busy_fraction": sum(s.duration_s for s in steps) / wall_s}
+    for method in ("prefill", "next_token"):
+        chosen = [s for s in steps if s.method == method]
+        if chosen:
+            out[method] = {"steps": len(chosen), "mean_batch": sum(s.batch_size for s in chosen) / len(chosen),
+                           "mean_ms": 1000 * sum(s.duration_s for s in chosen) / len(chosen),
+                           "total_s": sum(s.duration_s for s in chosen)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("gpu_bench.json"))
@@ -142,7 +154,10 @@ def main() -> None:
             try:
                 entry = {"decode_ms_per_token_bs1": decode_latency(engine)}
                 workload = Workload(args.requests, (64, 512), (64, 256), 64, 0)
+                steps: list = []
+                engine.add_step_listener(steps.append)
                 entry["throughput"] = bench_engine(engine, workload).to_dict()
+                entry["steps"] = step_breakdown(steps, entry["throughput"]["duration_s"])
             finally:
                 engine.shutdown()
             results[name] = entry

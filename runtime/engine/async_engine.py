@@ -36,13 +36,16 @@ class AsyncEngine:
         self._thread.start()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        """Engine thread → each request's queue on its own event loop."""
-        for out in outputs:
-            with self._lock:
+        """Engine thread → the requests' queues: one wake-up per event loop per step, not one per output, so the
+        loop thread does not fight the engine thread for the GIL once per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
                 target = self._streams.get(out.request_id)
-            if target is not None:
-                loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the loop early aborts it in the engine at once."""
@@ -85,3 +88,8 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.core.shutdown()
         self._thread.join(timeout=30)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
