@@ -28,7 +28,6 @@ from runtime.engine.sampler import (
 
 V = 64
 EOS = 2
-PAD = 0
 
 
 def logits_for(batch: int, seed: int = 0, vocab: int = V) -> torch.Tensor:
@@ -66,7 +65,7 @@ def test_min_new_tokens_masks_eos_only_while_short():
     logits[:, EOS] = 50.0  # EOS would win everywhere
     rows = [row(num_generated=0, min_new_tokens=2), row(num_generated=1, min_new_tokens=2),
             row(num_generated=2, min_new_tokens=2)]
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     tokens = s(logits, rows).token_ids
     assert tokens[0] == tokens[1] != EOS
     assert tokens[0] == int(torch.cat([logits[0, :EOS], torch.tensor([-1e9]), logits[0, EOS + 1:]]).argmax())
@@ -84,7 +83,7 @@ def test_length_penalty_formula_and_hf_parity(eos_logit):
     logits = logits_for(4)
     logits[:, EOS] = eos_logit
     generated = [2, 3, 4, 6]  # p = -1, 0, 1, 3
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     lp = full_logprobs(s, logits, [row(num_generated=g, length_penalty=(start, decay)) for g in generated])
     for i, g in enumerate(generated):
         expected = logits[i].clone()
@@ -102,14 +101,14 @@ def test_length_penalty_formula_and_hf_parity(eos_logit):
 
 def test_min_new_tokens_wins_over_length_penalty():
     logits = logits_for(1)
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     lp = full_logprobs(s, logits, [row(num_generated=5, min_new_tokens=6, length_penalty=(0, 2.0))])
     assert lp[0, EOS] == float("-inf")
 
 
 def test_no_eos_id_leaves_scores_alone():
     logits = logits_for(1)
-    lp = full_logprobs(Sampler(None, PAD, V), logits, [row(min_new_tokens=3, length_penalty=(0, 2.0),
+    lp = full_logprobs(Sampler(None, V), logits, [row(min_new_tokens=3, length_penalty=(0, 2.0),
                                                            num_generated=1)])
     torch.testing.assert_close(lp, ref_logprobs(logits))
 
@@ -122,7 +121,7 @@ def test_repetition_penalty_pure_python_positive_and_negative():
     logits[0, 5], logits[0, 6] = 2.0, -2.0
     history = [5, 6, 5, 5, 9, 63]  # repeats are penalised once
     theta = 1.3
-    lp = full_logprobs(Sampler(EOS, PAD, V), logits, [row(history=history, repetition_penalty=theta)])
+    lp = full_logprobs(Sampler(EOS, V), logits, [row(history=history, repetition_penalty=theta)])
     expected = [float(x) for x in logits[0]]
     for t in set(history):
         expected[t] = expected[t] * theta if expected[t] < 0 else expected[t] / theta
@@ -146,28 +145,27 @@ def test_repetition_penalty_greedy_end_to_end():
     logits = logits_for(1, seed=2)
     top = int(logits.argmax())
     history = [top, 11]
-    tokens = Sampler(EOS, PAD, V)(logits, [row(history=history, repetition_penalty=100.0)]).token_ids
+    tokens = Sampler(EOS, V)(logits, [row(history=history, repetition_penalty=100.0)]).token_ids
     hf = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor([history]), logits.clone())
     assert tokens == [int(hf.argmax())] and tokens[0] != top
 
 
-def test_eos_equal_pad_restored_only_for_batches():
+def test_eos_in_history_penalised_the_same_alone_and_in_a_batch():
+    """TGIS restores EOS after the penalty when EOS == PAD in batches (its histories hold padding); ours hold only
+    real tokens, so EOS in the history is penalised exactly as alone: results never depend on batch size."""
     logits = logits_for(2, seed=3)
     logits[:, EOS] = 3.0
     history = [EOS, 7]
 
-    def eos_lp(eos, pad, batch):
-        lp = full_logprobs(Sampler(eos, pad, V), logits[:batch],
+    def eos_lp(batch):
+        lp = full_logprobs(Sampler(EOS, V), logits[:batch],
                            [row(history=history, repetition_penalty=2.0) for _ in range(batch)])
         return lp[0]
 
     penalised = logits[0].clone()
     penalised[EOS], penalised[7] = penalised[EOS] / 2.0, _ctrl(float(penalised[7]), 2.0)
-    restored = penalised.clone()
-    restored[EOS] = 3.0
-    torch.testing.assert_close(eos_lp(EOS, EOS, 1), ref_logprobs(penalised))  # batch 1: EOS penalised
-    torch.testing.assert_close(eos_lp(EOS, EOS, 2), ref_logprobs(restored))  # EOS == PAD, batch 2: restored
-    torch.testing.assert_close(eos_lp(EOS, PAD, 2), ref_logprobs(penalised))  # EOS != PAD: penalised
+    torch.testing.assert_close(eos_lp(1), ref_logprobs(penalised))
+    torch.testing.assert_close(eos_lp(2), ref_logprobs(penalised))
 
 
 def _ctrl(x: float, theta: float) -> float:
@@ -231,7 +229,7 @@ def test_full_chain_matches_hf_and_greedy_rows_are_not_warped():
     sampling = dict(temperature=0.8, top_k=20, top_p=0.9, typical_p=0.95, repetition_penalty=1.2, seed=5)
     rows = [row(history=history, **sampling), row(history=history, repetition_penalty=1.2, top_k=2, top_p=0.1),
             row(history=history, temperature=1.0, top_k=3, seed=6)]
-    lp = full_logprobs(Sampler(EOS, PAD, V), logits, rows)
+    lp = full_logprobs(Sampler(EOS, V), logits, rows)
     ids = torch.tensor([history])
     hf0 = logits[0:1].clone()
     for proc in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.8), TopKLogitsWarper(20),
@@ -251,19 +249,19 @@ def test_full_chain_matches_hf_and_greedy_rows_are_not_warped():
 def test_greedy_is_argmax_lowest_index_on_ties():
     logits = logits_for(4, seed=9)
     logits[3, 40] = logits[3, 12] = logits[3].max() + 1
-    assert Sampler(EOS, PAD, V)(logits, [row() for _ in range(4)]).token_ids == [
+    assert Sampler(EOS, V)(logits, [row() for _ in range(4)]).token_ids == [
         int(logits[i].argmax()) for i in range(3)] + [12]
 
 
 def test_columns_past_vocab_size_are_never_chosen():
     logits = logits_for(1, seed=10, vocab=V + 8)
     logits[0, V + 3] = 1e4
-    assert Sampler(EOS, PAD, V)(logits, [row()]).token_ids == [int(logits[0, :V].argmax())]
+    assert Sampler(EOS, V)(logits, [row()]).token_ids == [int(logits[0, :V].argmax())]
 
 
 def _run_steps(rows_factory, target: int, batch_seed: int, steps: int) -> list[int]:
     """Decode `steps` steps; the target row gets the same logits every run, the other rows random ones."""
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     rows = rows_factory()
     out = []
     for step in range(steps):
@@ -301,7 +299,7 @@ def test_sampled_frequencies_match_softmax():
     vocab, rows_n, rounds = 8, 2000, 5
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -3.0])
     temperature = 1.5
-    s = Sampler(None, None, vocab)
+    s = Sampler(None, vocab)
     rows = [row(temperature=temperature, seed=s_) for s_ in range(rows_n)]
     counts = torch.zeros(vocab)
     for _ in range(rounds):
@@ -316,7 +314,7 @@ def test_bfloat16_logits_same_as_their_float32_values():
     logits = logits_for(3, seed=11).to(torch.bfloat16)
     rows = lambda: [row(temperature=0.7, top_p=0.8, seed=3), row(repetition_penalty=1.5, history=[1]),  # noqa: E731
                     row(temperature=1.2, top_k=5, seed=4, generated_tokens=True, token_logprobs=True)]
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     a, b = s(logits, rows()), s(logits.float(), rows())
     assert a.token_ids == b.token_ids
     assert a.details == b.details
@@ -329,7 +327,7 @@ def test_details_only_requested_fields():
     logits = logits_for(4, seed=12)
     rows = [row(), row(generated_tokens=True), row(generated_tokens=True, token_ranks=True),
             row(generated_tokens=True, token_logprobs=True)]
-    d = Sampler(EOS, PAD, V)(logits, rows).details
+    d = Sampler(EOS, V)(logits, rows).details
     assert d[0] is None
     assert (d[1].logprob, d[1].rank, d[1].top_tokens) == (None, None, None)
     assert d[2].rank == 1 and d[2].logprob is None and d[2].top_tokens is None
@@ -340,7 +338,7 @@ def test_details_only_requested_fields():
 def test_rank_and_logprob_of_sampled_tokens():
     logits = logits_for(1, seed=13)
     r = row(temperature=5.0, seed=42, generated_tokens=True, token_logprobs=True, token_ranks=True)
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     seen_ranks = set()
     for _ in range(30):
         res = s(logits, [r])
@@ -358,7 +356,7 @@ def test_top_n_ties_cap_and_order():
     tied = [50, 3, 40, 7, 21, 60, 9, 33, 12, 1]  # 10 ids share the best score
     logits[:, tied] = 2.0
     logits[:, 30] = 1.0
-    s = Sampler(EOS, PAD, V)
+    s = Sampler(EOS, V)
     res = s(logits, [row(generated_tokens=True, top_n_tokens=2),
                      row(generated_tokens=True, top_n_tokens=2, token_logprobs=True)])
     no_lp, with_lp = res.details[0].top_tokens, res.details[1].top_tokens
@@ -381,7 +379,7 @@ def test_top_n_pure_python_on_random_scores():
     logits = logits_for(3, seed=14)
     rows = [row(generated_tokens=True, top_n_tokens=n, token_logprobs=True, temperature=0.6, top_p=0.9, seed=n)
             for n in (1, 4, 10)]
-    res = Sampler(EOS, PAD, V)(logits, rows)
+    res = Sampler(EOS, V)(logits, rows)
     for i, n in enumerate((1, 4, 10)):
         processed = sampler_mod._top_p(logits[i : i + 1] / 0.6, [0.9])[0]
         lps = ref_logprobs(processed).tolist()
@@ -394,7 +392,7 @@ def test_top_n_pure_python_on_random_scores():
 
 def test_top_k_1_gives_logprob_zero_and_one_top_token():
     logits = logits_for(1, seed=15)
-    res = Sampler(EOS, PAD, V)(logits, [row(temperature=0.7, top_k=1, seed=1, generated_tokens=True,
+    res = Sampler(EOS, V)(logits, [row(temperature=0.7, top_k=1, seed=1, generated_tokens=True,
                                             token_logprobs=True, token_ranks=True, top_n_tokens=2)])
     d = res.details[0]
     assert res.token_ids == [int(logits.argmax())]

@@ -81,7 +81,7 @@ class EngineCore:
                                     or DEFAULT_MAX_SEQUENCE_LENGTH)
         self.start_id = lm.decoder_start_token_id if lm.is_encoder_decoder else None
         self.runner = ModelRunner(lm)
-        self.sampler = Sampler(lm.eos_token_id, lm.pad_token_id, lm.vocab_size)
+        self.sampler = Sampler(lm.eos_token_id, lm.vocab_size)
         self.tok_info = TokenizerInfo.from_tokenizer(
             lm.tokenizer, seq2seq=lm.is_encoder_decoder, output_special_tokens=config.output_special_tokens,
             eos_token_id=lm.eos_token_id)

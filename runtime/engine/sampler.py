@@ -6,8 +6,10 @@ parameters become [B, 1] tensors and a stage runs only when some row needs it, o
 
 Sampling divides the softmax by Exponential(1) noise drawn from the row's own seeded generator and takes the argmax
 (equivalent to multinomial sampling without a host sync), so a seeded request gives the same tokens whatever else is
-in the batch. The one TGIS rule that breaks this is kept on purpose: with EOS == PAD and more than one row, the EOS
-score is restored after the repetition penalty (TGIS did it so left padding would not penalise EOS).
+in the batch. One TGIS rule is deliberately not reproduced: with EOS == PAD and more than one row, TGIS restores the
+EOS score after the repetition penalty, because its histories include left padding. Our histories hold only real
+tokens, so padding never penalises EOS, and the restore would make a request's tokens depend on batch size (SmolLM2
+chat prompts contain EOS == PAD `<|im_end|>`), breaking batch invariance.
 """
 
 from __future__ import annotations
@@ -196,9 +198,8 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
 
 
 class Sampler:
-    def __init__(self, eos_token_id: int | None, pad_token_id: int | None, vocab_size: int):
+    def __init__(self, eos_token_id: int | None, vocab_size: int):
         self.eos = eos_token_id
-        self.pad = pad_token_id
         self.vocab_size = vocab_size
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
@@ -209,11 +210,7 @@ class Sampler:
         if self.eos is not None and any(p.min_new_tokens or p.length_penalty for p in params):
             _eos_adjust(scores, rows, self.eos)
         if any(p.repetition_penalty != 1.0 for p in params):
-            restore = self.eos is not None and self.eos == self.pad and len(rows) > 1
-            eos_scores = scores[:, self.eos].clone() if restore else None
             scores = _repetition_penalty(scores, rows)
-            if restore:
-                scores[:, self.eos] = eos_scores
         if any(p.sampling for p in params):
             scores = _warp(scores, params)
         chosen = _choose(scores, rows)
