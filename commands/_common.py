@@ -17,9 +17,7 @@ def not_implemented(command: str) -> None:
 
 
 def is_model(name: str) -> bool:
-    """Whether `name` names a usable model (a directory with config.json, or a hub id present in the cache)."""
-    if (Path(name) / "config.json").exists():
-        return True
+    """Whether `name` names a usable model (a directory with config.json, or a hub id complete in the cache)."""
     from runtime.hub import ModelNotFoundError, resolve_model_path
 
     try:
@@ -31,16 +29,10 @@ def is_model(name: str) -> bool:
 
 def resolve_model(name: str | None, revision: str | None = None) -> Path:
     """A model directory for `name`; the built-in default model (prepared on first use) when None."""
-    if not name:
-        from runtime.default_model import ensure_default_model
-
-        return ensure_default_model()
-    if (Path(name) / "config.json").exists():
-        return Path(name)
-    from runtime.hub import ModelNotFoundError, resolve_model_path
+    from runtime.hub import ModelNotFoundError, resolve_model_or_default
 
     try:
-        return resolve_model_path(name, revision)
+        return resolve_model_or_default(name, revision)
     except ModelNotFoundError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(code=1) from exc

@@ -20,6 +20,7 @@ from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.config import ServerConfig
 from runtime.engine.config import EngineConfig
+from runtime.hub import resolve_model_or_default
 from runtime.server.grpc_service import GenerationServicer
 from runtime.server.http import HealthMetricsServer
 from runtime.server.metrics import Metrics
@@ -69,20 +70,6 @@ def write_termination_log(path: str, message: str) -> None:
         Path(path).write_text(message)
     except OSError:
         pass
-
-
-def resolve_model_dir(name: str | None, revision: str | None) -> Path:
-    if not name:
-        from runtime.default_model import ensure_default_model
-
-        return ensure_default_model()
-    if (Path(name) / "config.json").is_file():
-        return Path(name)
-    try:
-        from runtime.hub import resolve_model_path
-    except ImportError:  # hub resolution is landing separately; until then only model directories work
-        raise ValueError(f"Model {name} not found: not a directory containing config.json") from None
-    return resolve_model_path(name, revision)
 
 
 def resolve_limits(config: ServerConfig, model_dir: Path) -> tuple[int, int]:
@@ -135,7 +122,7 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     config.validate()
     credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
-    model_dir = resolve_model_dir(config.model_name, config.revision)
+    model_dir = resolve_model_or_default(config.model_name, config.revision)
     max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
     if config.cuda_process_memory_fraction < 1.0:
         import torch

@@ -1,0 +1,1 @@
+"""Tensor parallelism: checkpoint sharding rules (and, later, rank launch and parallel layers)."""

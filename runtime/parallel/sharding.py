@@ -1,0 +1,133 @@
+"""Tensor-parallel split rules for Llama-family checkpoints, and writing/verifying per-rank shards.
+
+Megatron layout, matching what a tensor-parallel runtime computes without extra communication:
+- column-parallel (split the output dim, rows of the weight): q_proj by attention heads, k_proj/v_proj by KV heads
+  (GQA-aware: each rank keeps whole KV heads and the query heads that use them), gate_proj/up_proj;
+- row-parallel (split the input dim, columns of the weight; outputs all-reduced): o_proj, down_proj;
+- vocabulary-parallel: embed_tokens and lm_head by vocabulary rows;
+- everything else (norms, rotary buffers) replicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SUPPORTED = ("llama", "mistral", "qwen2", "granite", "qwen3")
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("o_proj", "down_proj")
+VOCAB = ("embed_tokens", "lm_head")
+
+
+class ShardingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str  # "column" / "vocab" (weight dim 0), "row" (weight dim 1), "replicate"
+
+    @property
+    def dim(self) -> int | None:
+        return {"column": 0, "vocab": 0, "row": 1}.get(self.kind)
+
+
+def rule_for(tensor_name: str) -> Rule:
+    parts = tensor_name.split(".")
+    module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
+    if module in COLUMN:
+        return Rule("column")  # weight rows and bias entries
+    if module in VOCAB:
+        return Rule("vocab")
+    if module in ROW and kind == "weight":
+        return Rule("row")  # a row-parallel bias is added once, after the reduce: replicated
+    return Rule("replicate")
+
+
+def check_divisible(config: dict, world_size: int) -> None:
+    if config.get("model_type") not in SUPPORTED:
+        raise ShardingError(f"tgis shard supports {', '.join(SUPPORTED)} checkpoints, not "
+                            f"{config.get('model_type')!r}")
+    heads = config["num_attention_heads"]
+    checks = {
+        "num_attention_heads": heads,
+        "num_key_value_heads": config.get("num_key_value_heads") or heads,
+        "intermediate_size": config["intermediate_size"],
+        "vocab_size": config["vocab_size"],
+    }
+    for key, value in checks.items():
+        if value % world_size:
+            raise ShardingError(f"{key} ({value}) is not divisible by --num-shards {world_size}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_all(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ShardingError(f"no .safetensors weights in {model_dir} (convert them with `tgis convert-to-safetensors`)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def shard_checkpoint(model_dir: Path, world_size: int, out_dir: Path) -> dict:
+    """Write `out_dir/rank-<r>/` (config, tokenizer, model.safetensors) and `out_dir/manifest.json`; verify."""
+    config = json.loads((model_dir / "config.json").read_text())
+    check_divisible(config, world_size)
+    tensors = _load_all(model_dir)
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # each rank needs its own vocab slice
+    rules = {name: rule_for(name) for name in tensors}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(world_size):
+        rank_dir = out_dir / f"rank-{rank}"
+        rank_dir.mkdir(exist_ok=True)
+        part = {name: (t if rules[name].dim is None else t.chunk(world_size, rules[name].dim)[rank]).contiguous()
+                for name, t in tensors.items()}
+        save_file(part, rank_dir / "model.safetensors", metadata={"format": "pt", "rank": str(rank),
+                                                                    "world_size": str(world_size)})
+        for meta in model_dir.iterdir():
+            if meta.is_file() and not meta.name.endswith((".safetensors", ".bin", ".gguf", ".index.json")):
+                shutil.copy(meta, rank_dir / meta.name)
+    manifest = {
+        "world_size": world_size,
+        "model_type": config["model_type"],
+        "source": str(model_dir),
+        "source_files": {f.name: _sha256(f) for f in sorted(model_dir.glob("*.safetensors"))},
+        "rules": {name: {"split": rule.kind, "dim": rule.dim} for name, rule in sorted(rules.items())},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    verify(out_dir, tensors)
+    return manifest
+
+
+def reassemble(out_dir: Path) -> dict[str, torch.Tensor]:
+    """Concatenate the rank files back into full tensors, following the manifest."""
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    parts = [load_file(out_dir / f"rank-{r}" / "model.safetensors") for r in range(manifest["world_size"])]
+    full = {}
+    for name, rule in manifest["rules"].items():
+        dim = rule["dim"]
+        full[name] = parts[0][name] if dim is None else torch.cat([p[name] for p in parts], dim=dim)
+    return full
+
+
+def verify(out_dir: Path, original: dict[str, torch.Tensor]) -> None:
+    rebuilt = reassemble(out_dir)
+    for name, tensor in original.items():
+        if not torch.equal(rebuilt[name], tensor):
+            raise ShardingError(f"shards of {name} do not reassemble to the original tensor")

@@ -1,0 +1,138 @@
+"""`tgis download-weights` against a loopback fake of the Hub API, and offline resolution of what it cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fake_hub import FakeHub
+
+TGIS = [sys.executable, "-m", "tgis_cli"]
+TIMEOUT = 120
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*TGIS, *args], env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with FakeHub() as h:
+        env = {**os.environ, "HF_ENDPOINT": h.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "0",
+               "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "10"}
+        for var in ("HF_TOKEN", "TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            env.pop(var, None)
+        h.env = env
+        h.cache = tmp_path / "cache"
+        yield h
+
+
+def _repo_files(model_dir: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    files["training_args.bin"] = b"never downloaded"
+    files["README.md"] = b"# tiny"
+    files["onnx/model.onnx"] = b"not top-level"
+    return files
+
+
+def test_download_fills_cache_then_noop_then_resolves_offline(hub, tiny_model):
+    repo = hub.add_repo("org/tiny-llama", _repo_files(tiny_model("llama")))
+    first = _cli(["download-weights", "org/tiny-llama"], hub.env)
+    assert first.returncode == 0, first.stderr
+    folder = hub.cache / "models--org--tiny-llama"
+    assert (folder / "refs" / "main").read_text() == repo.sha
+    snap = folder / "snapshots" / repo.sha
+    names = sorted(p.name for p in snap.iterdir())
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert (snap / "model.safetensors").is_symlink() and any((folder / "blobs").iterdir())
+    assert (snap / "model.safetensors").read_bytes() == (tiny_model("llama") / "model.safetensors").read_bytes()
+    served = hub.downloads()
+    assert len(served) == len(names)
+
+    second = _cli(["download-weights", "org/tiny-llama"], hub.env)
+    assert second.returncode == 0, second.stderr
+    assert hub.downloads() == served  # nothing fetched again
+
+    offline = {**hub.env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    out = _cli(["tokenize", "org/tiny-llama", "hello world", "--json"], offline)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tokens"][0] == "<s>"
+
+    from runtime.hub import ModelNotFoundError, resolve_model_path
+
+    os.environ["HF_HUB_CACHE"], saved = str(hub.cache), os.environ.get("HF_HUB_CACHE")
+    try:
+        assert resolve_model_path("org/tiny-llama") == snap
+        with pytest.raises(ModelNotFoundError, match="tgis download-weights org/other"):
+            resolve_model_path("org/other")
+    finally:
+        os.environ.pop("HF_HUB_CACHE") if saved is None else os.environ.__setitem__("HF_HUB_CACHE", saved)
+
+
+def test_extension_filter(hub, tiny_model):
+    hub.add_repo("org/tiny-llama", _repo_files(tiny_model("llama")))
+    result = _cli(["download-weights", "org/tiny-llama", "--extension", ".json"], hub.env)
+    assert result.returncode == 0, result.stderr
+    snap = next((hub.cache / "models--org--tiny-llama" / "snapshots").iterdir())
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "generation_config.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+
+
+def test_bin_only_repo_is_downloaded_and_converted(hub, tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file() and p.suffix != ".safetensors"}
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    files["pytorch_model.bin"] = (tmp_path / "pytorch_model.bin").read_bytes()
+    hub.add_repo("org/bin-only", files)
+    result = _cli(["download-weights", "org/bin-only"], hub.env)
+    assert result.returncode == 0, result.stderr
+    assert ".safetensors weights not found, downloading pytorch weights to convert..." in result.stdout
+    assert ".safetensors weights not found, converting from pytorch weights..." in result.stdout
+    snap = next((hub.cache / "models--org--bin-only" / "snapshots").iterdir())
+    converted = AutoModelForCausalLM.from_pretrained(snap, use_safetensors=True)
+    ids = torch.tensor([[5, 9, 200, 31]])
+    assert torch.equal(converted(ids).logits, model(ids).logits)
+
+
+def test_clear_errors(hub, tiny_model):
+    hub.add_repo("org/gated", _repo_files(tiny_model("llama")), gated=True)
+    missing = _cli(["download-weights", "org/nope"], hub.env)
+    assert missing.returncode == 1 and "not found on the hub" in missing.stderr
+    gated = _cli(["download-weights", "org/gated"], hub.env)
+    assert gated.returncode == 1 and "gated" in gated.stderr
+    ok = _cli(["download-weights", "org/gated", "--token", hub.token], hub.env)
+    assert ok.returncode == 0, ok.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    offline = _cli(["download-weights", "org/tiny"], {**hub.env, "HF_ENDPOINT": closed})
+    assert offline.returncode == 1 and "Cannot reach the hub" in offline.stderr
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    from runtime.hub import hub_cache_dir
+
+    for var in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hub_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("TRANSFORMERS_CACHE", str(tmp_path / "tc"))
+    assert hub_cache_dir() == tmp_path / "tc"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "tc"))
+    assert hub_cache_dir() == tmp_path / "tc"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="env vars can't be set to different values"):
+        hub_cache_dir()
