@@ -94,6 +94,11 @@ def generate(
     for i, text in enumerate(texts):
         prepared = prepare_input(tok, text, truncate_input_tokens)
         room = engine.max_sequence_length - prepared.input_length
+        if room <= 0:
+            engine.shutdown()
+            err_console.print(f"[red]input tokens ({prepared.input_length}) must be < "
+                              f"{engine.max_sequence_length}: use --truncate-input-tokens[/red]")
+            raise typer.Exit(code=2)
         params = GenerationParams(
             max_new_tokens=min(max_new_tokens, room), max_is_token_limit=max_new_tokens > room,
             min_new_tokens=min_new_tokens, temperature=temperature if sample else 0.0, top_k=top_k, top_p=top_p,

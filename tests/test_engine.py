@@ -167,3 +167,8 @@ def test_smollm2_greedy_paris_and_parity(smollm2_dir):
             assert res.streamed_text == res.final.output_text
     finally:
         engine.shutdown()
+
+
+def test_kv_capacity_below_one_request_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="kv_cache_tokens \\(100\\) must be at least one full request"):
+        AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), kv_cache_tokens=100, max_sequence_length=256))

@@ -106,16 +106,20 @@ class EngineCore:
     # ---- set-up --------------------------------------------------------------------------------------------
     def _kv_capacity(self) -> int:
         """Slots from config, else measured bytes per slot (a 2-token warm-up prefill) against free memory."""
-        useful = self.config.max_batch_size * self.max_sequence_length * (2 if self.start_id is not None else 1)
+        per_request = self.max_sequence_length * (2 if self.start_id is not None else 1)
         if self.config.kv_cache_tokens:
+            if self.config.kv_cache_tokens < per_request:  # a full-length request could then never be admitted
+                raise ValueError(f"kv_cache_tokens ({self.config.kv_cache_tokens}) must be at least one full "
+                                 f"request's slots ({per_request} for max_sequence_length "
+                                 f"{self.max_sequence_length})")
             return self.config.kv_cache_tokens
         probe = PrefillItem(tokens=[self.loaded.pad_token_id] * 2,
                             encoder_ids=None if self.start_id is None else [self.loaded.pad_token_id])
         batch, _, _ = self.runner.prefill([probe])
         tensors = [t for group in layer_groups(batch.cache) for layer in group for t in (layer.keys, layer.values)]
         per_slot = bytes_per_slot(tensors, batch.slots)
-        return size_capacity(per_slot, self.loaded.device, self.config.kv_cache_memory_fraction, useful,
-                             self.max_sequence_length)
+        return size_capacity(per_slot, self.loaded.device, self.config.kv_cache_memory_fraction,
+                             self.config.max_batch_size * per_request, per_request)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
