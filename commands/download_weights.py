@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from commands._common import err_console
 
 
+class _RichBar:
+    """The tqdm surface huggingface_hub drives while streaming one file, drawn as a task of a shared rich Progress
+    (one bar per file, so the 5 parallel downloads show side by side)."""
+
+    def __init__(self, progress: Progress, name: str, *, total: int | None = None, initial: int = 0, **_) -> None:
+        self.progress = progress
+        self.task = progress.add_task(name, total=total, completed=initial)
+
+    def update(self, n: int = 1) -> None:
+        self.progress.update(self.task, advance=n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _RichBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def download_weights(
     model: str = typer.Argument(..., help="Hub model id, e.g. google/flan-ul2."),
-    revision: str | None = typer.Option(None, "--revision", envvar="REVISION", help="Branch, tag or commit."),
+    revision: str | None = typer.Option(None, "--revision", envvar="REVISION",
+                                        help="Branch, tag or commit (default: main)."),
     token: str | None = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (gated/private repos)."),
     extension: str = typer.Option(".safetensors", "--extension",
                                   help="Comma-separated file extensions to fetch; a single weight extension also "
@@ -18,23 +49,28 @@ def download_weights(
     auto_convert: bool = typer.Option(True, "--auto-convert/--no-auto-convert",
                                       help="Without safetensors on the hub, fetch .bin weights and convert them."),
 ) -> None:
-    """Download a model's top-level files into the HF cache (HF_HUB_CACHE / HF_HOME), resumably, 5 at a time."""
+    """Download a model's top-level files into the HF cache, 5 at a time, skipping files already cached.
+
+    The cache is HF_HUB_CACHE (or the deprecated TRANSFORMERS_CACHE / HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub,
+    else ~/.cache/huggingface/hub; HF_ENDPOINT picks the hub. Files named like training leftovers (args,
+    arguments, training) are skipped. `tgis serve MODEL` then finds the model offline.
+    """
     from huggingface_hub.utils import disable_progress_bars
 
-    from runtime.hub import HubError, download, expand_extensions, hub_has
+    from runtime.hub import HubError, download, expand_extensions
     from runtime.models.convert import ConversionError, convert_bin_dir
 
     disable_progress_bars()
     exts = expand_extensions(extension)
     try:
-        snap = _download(model, exts, revision, token, download)
+        snap, names = _download(model, exts, revision, token, download)
         if auto_convert and ".safetensors" in exts and not any(snap.glob("*.safetensors")):
             if ".bin" not in exts:
                 print(".safetensors weights not found, downloading pytorch weights to convert...")
-                snap = _download(model, [".bin"], revision, token, download)
+                snap, _ = _download(model, [".bin"], revision, token, download)
             print(".safetensors weights not found, converting from pytorch weights...")
             convert_bin_dir(snap)
-        elif auto_convert and ".safetensors" in exts and not hub_has(model, ".safetensors", revision, token):
+        elif auto_convert and ".safetensors" in exts and not any(n.endswith(".safetensors") for n in names):
             print(".safetensors weights not found on hub, but were found locally. Remove them first to re-convert")
     except (HubError, ConversionError, ValueError) as exc:
         err_console.print(f"[red]{exc}[/red]")
@@ -43,13 +79,7 @@ def download_weights(
 
 
 def _download(model, exts, revision, token, download):
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(f"{model} {' '.join(exts)}", total=None)
-
-        def advance(name: str) -> None:
-            progress.update(task, advance=1, description=f"{model}: {name}")
-
-        snap, names = download(model, exts, revision, token, progress=advance)
-        progress.update(task, total=len(names), completed=len(names), description=f"{model}: {len(names)} files")
-    return snap
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as progress:
+        return download(model, exts, revision, token, bar=lambda name: partial(_RichBar, progress, name))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
@@ -96,41 +97,54 @@ def expand_extensions(extension: str) -> list[str]:
 
 
 def download(model: str, extensions: list[str], revision: str | None = None, token: str | None = None,
-             progress: Callable[[str], None] | None = None, workers: int = 5) -> tuple[Path, list[str]]:
+             bar: Callable[[str], Callable] | None = None, workers: int = 5) -> tuple[Path, list[str]]:
     """Download the top-level files with these extensions into the HF cache; returns (snapshot dir, names).
-    Files already complete in the cache are not fetched again; interrupted ones resume."""
+
+    Every file is fetched at the commit the revision points at when listed, so a download never mixes commits,
+    and files already in that snapshot are skipped without a request: an interrupted download resumes file by
+    file (and huggingface_hub resumes a dropped connection with a Range request). `bar(name)` gives the
+    tqdm-compatible progress-bar factory for one file.
+    """
     from huggingface_hub import HfApi, hf_hub_download
 
-    names = _selected(_hub_files(model, revision, token), extensions)
     cache = hub_cache_dir()
+    info = _translate(lambda: HfApi().model_info(model, revision=revision, token=token, files_metadata=True),
+                      model, cache)
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    names = _selected(list(sizes), extensions)
+    snap = repo_folder(model, cache) / "snapshots" / info.sha
+    missing = [n for n in names if not (snap / n).exists()]
+    check_free_space(sum(sizes[n] for n in missing), cache)
 
     def fetch(name: str) -> str:
-        path = _translate(lambda: hf_hub_download(model, name, revision=revision, token=token, cache_dir=cache),
-                          model, cache)
-        if progress:
-            progress(name)
-        return path
+        return _translate(lambda: hf_hub_download(model, name, revision=info.sha, token=token, cache_dir=cache,
+                                                  tqdm_class=bar(name) if bar else None), model, cache)
 
     with ThreadPoolExecutor(workers) as pool:
-        paths = list(pool.map(fetch, names))
-    snap = Path(paths[0]).parent if paths else snapshot_dir(model, revision, cache)
-    if snap is None:  # nothing matched: still record the snapshot so resolution explains what is missing
-        info = _translate(lambda: HfApi().model_info(model, revision=revision, token=token), model, cache)
-        snap = repo_folder(model, cache) / "snapshots" / info.sha
-        snap.mkdir(parents=True, exist_ok=True)
+        list(pool.map(fetch, missing))
+    snap.mkdir(parents=True, exist_ok=True)  # even when nothing matched, so resolution explains what is missing
+    _write_ref(model, revision, info.sha, cache)
     return snap, names
 
 
-def _hub_files(model: str, revision: str | None, token: str | None) -> list[str]:
-    from huggingface_hub import HfApi
+def _write_ref(model: str, revision: str | None, commit: str, cache: Path) -> None:
+    """`refs/{revision or main}` → commit, as huggingface_hub records it, so the id resolves offline."""
+    rev = revision or "main"
+    if rev != commit:
+        ref = repo_folder(model, cache) / "refs" / rev
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
 
-    info = _translate(lambda: HfApi().model_info(model, revision=revision, token=token, files_metadata=False),
-                      model, hub_cache_dir())
-    return [s.rfilename for s in info.siblings or []]
 
-
-def hub_has(model: str, extension: str, revision: str | None = None, token: str | None = None) -> bool:
-    return bool(_selected(_hub_files(model, revision, token), [extension]))
+def check_free_space(needed: int, cache: Path) -> None:
+    """Refuse before downloading rather than leave a half-filled cache behind."""
+    probe = cache
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise HubError(f"Not enough disk space in {cache}: the files to download take {needed / 1e6:.1f} MB, "
+                       f"{free / 1e6:.1f} MB are free; free some space or point HF_HUB_CACHE elsewhere")
 
 
 def _translate(call: Callable, model: str, cache: Path):

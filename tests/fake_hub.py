@@ -49,6 +49,8 @@ class FakeHub:
         self.token = token
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[tuple[str, int]] = []  # (path, first byte) of every Range request served
+        self.truncate_once: set[str] = set()  # file names whose next GET drops the connection half-way
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -135,11 +137,27 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             data, status = repo.files[name], 200
             headers = {"ETag": f'"{repo.etag(name)}"', "X-Repo-Commit": repo.sha, "Accept-Ranges": "bytes",
                        "Content-Type": "application/octet-stream"}
+            if body and name in hub.truncate_once:
+                hub.truncate_once.discard(name)
+                self._send_truncated(headers, data)
+                return
             if body and (rng := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
                 start = int(rng.group(1))
+                hub.ranges.append((urlsplit(self.path).path, start))
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 data, status = data[start:], 206
             self._send(status, headers, data, body)
+
+        def _send_truncated(self, headers: dict[str, str], data: bytes) -> None:
+            """Announce the whole file, send half, hang up: a dropped connection the client must resume."""
+            self.close_connection = True
+            self.send_response(200)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
 
         def _error(self, status: int, code: str, message: str) -> None:
             headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}

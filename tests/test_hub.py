@@ -57,9 +57,11 @@ def test_download_fills_cache_then_noop_then_resolves_offline(hub, tiny_model):
     served = hub.downloads()
     assert len(served) == len(names)
 
+    before = len(hub.requests)
     second = _cli(["download-weights", "org/tiny-llama"], hub.env)
     assert second.returncode == 0, second.stderr
     assert hub.downloads() == served  # nothing fetched again
+    assert [p for _, p in hub.requests[before:] if "/resolve/" in p] == []  # not even a HEAD: the commit is pinned
 
     offline = {**hub.env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     out = _cli(["tokenize", "org/tiny-llama", "hello world", "--json"], offline)
@@ -104,6 +106,25 @@ def test_bin_only_repo_is_downloaded_and_converted(hub, tiny_model, tmp_path):
     ids = torch.tensor([[5, 9, 200, 31]])
     assert torch.equal(converted(ids).logits, model(ids).logits)
 
+    served = hub.downloads()
+    again = _cli(["download-weights", "org/bin-only"], hub.env)
+    assert again.returncode == 0, again.stderr
+    assert "were found locally. Remove them first to re-convert" in again.stdout
+    assert hub.downloads() == served
+
+
+def test_dropped_connection_resumes_with_range(hub):
+    # huggingface_hub streams in 10 MB chunks: the file must be larger for a partial chunk to reach the disk
+    weights = os.urandom(24 << 20)
+    repo = hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": weights})
+    hub.truncate_once.add("model.safetensors")
+    result = _cli(["download-weights", "org/big"], hub.env)
+    assert result.returncode == 0, result.stderr
+    [(path, start)] = hub.ranges
+    assert path == f"/org/big/resolve/{repo.sha}/model.safetensors" and 0 < start <= len(weights) // 2
+    snap = hub.cache / "models--org--big" / "snapshots" / repo.sha
+    assert (snap / "model.safetensors").read_bytes() == weights
+
 
 def test_clear_errors(hub, tiny_model):
     hub.add_repo("org/gated", _repo_files(tiny_model("llama")), gated=True)
@@ -118,6 +139,56 @@ def test_clear_errors(hub, tiny_model):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     offline = _cli(["download-weights", "org/tiny"], {**hub.env, "HF_ENDPOINT": closed})
     assert offline.returncode == 1 and "Cannot reach the hub" in offline.stderr
+
+
+def _cached(cache: Path, model: str, commit: str, files: list[str]) -> Path:
+    snap = cache / ("models--" + model.replace("/", "--")) / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in files:
+        (snap / name).write_text("{}")
+    return snap
+
+
+def test_resolution_follows_refs_offline(monkeypatch, tmp_path):
+    from runtime.hub import ModelNotFoundError, resolve_model_path
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for var in ("TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    main, v1 = "a" * 40, "b" * 40
+    snap_main = _cached(tmp_path / "cache", "org/m", main, ["config.json", "model.safetensors"])
+    snap_v1 = _cached(tmp_path / "cache", "org/m", v1, ["config.json", "pytorch_model.bin"])
+    refs = tmp_path / "cache" / "models--org--m" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(main + "\n")
+    (refs / "v1").write_text(v1)
+    assert resolve_model_path("org/m") == snap_main
+    assert resolve_model_path("org/m", "v1") == snap_v1
+    assert resolve_model_path("org/m", v1) == snap_v1  # no ref file: the revision names the snapshot
+    with pytest.raises(ModelNotFoundError, match="revision v2 .*tgis download-weights org/m --revision v2"):
+        resolve_model_path("org/m", "v2")
+    _cached(tmp_path / "cache", "org/nocfg", main, ["model.safetensors"])
+    with pytest.raises(ModelNotFoundError, match="Config file not found in local cache for model org/nocfg"):
+        resolve_model_path("org/nocfg", main)
+    _cached(tmp_path / "cache", "org/noweights", main, ["config.json"])
+    with pytest.raises(ModelNotFoundError, match="No weights .* org/noweights"):
+        resolve_model_path("org/noweights", main)
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    assert resolve_model_path(str(local)) == local  # a model directory is used as is
+
+
+def test_disk_space_is_checked_before_downloading(monkeypatch, tmp_path):
+    import shutil
+
+    from runtime.hub import HubError, check_free_space
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1_000_000))
+    check_free_space(999_999, tmp_path / "cache" / "not-yet-created")
+    with pytest.raises(HubError, match=r"Not enough disk space .* 2\.0 MB, 1\.0 MB are free"):
+        check_free_space(2_000_000, tmp_path / "cache")
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):

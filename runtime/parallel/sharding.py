@@ -88,6 +88,8 @@ def shard_checkpoint(model_dir: Path, world_size: int, out_dir: Path) -> dict:
     """Write `out_dir/rank-<r>/` (config, tokenizer, model.safetensors) and `out_dir/manifest.json`; verify."""
     config = json.loads((model_dir / "config.json").read_text())
     check_divisible(config, world_size)
+    if out_dir.exists() and any(out_dir.iterdir()):  # stale rank dirs of another world size would mislead a loader
+        raise ShardingError(f"{out_dir} is not empty: remove it first or choose another --output")
     tensors = _load_all(model_dir)
     if config.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # each rank needs its own vocab slice
