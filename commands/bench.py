@@ -29,6 +29,8 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Workload seed."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (in-process)."),
     device: str | None = typer.Option(None, "--device", help="Device (in-process)."),
+    num_gpus: int = typer.Option(1, "--num-gpus", min=1, help="Tensor-parallel ranks (processes; one GPU each "
+                                 "on CUDA)."),
     grpc_address: str | None = typer.Option(None, "--grpc", help="Benchmark a running server at HOST:PORT instead."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the report as JSON here."),
 ) -> None:
@@ -46,7 +48,7 @@ def bench(
         from runtime.engine.config import EngineConfig
 
         engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=device,
-                                          max_batch_size=max_batch_size))
+                                          max_batch_size=max_batch_size, tensor_parallel_size=num_gpus))
         try:
             report = bench_engine(engine, workload)
         finally:

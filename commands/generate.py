@@ -69,6 +69,8 @@ def generate(
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: by device)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     max_batch_size: int = typer.Option(12, "--max-batch-size", min=1, help="Engine batch size."),
+    num_gpus: int = typer.Option(1, "--num-gpus", min=1, help="Tensor-parallel ranks (processes; one GPU each "
+                                 "on CUDA)."),
 ) -> None:
     """Generate text for one or more prompts, batched through the continuous-batching engine."""
     from runtime.engine.async_engine import AsyncEngine
@@ -86,7 +88,7 @@ def generate(
         raise typer.Exit(code=2)
     path = resolve_model(model, revision)
     engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=device,
-                                      max_batch_size=max_batch_size))
+                                      max_batch_size=max_batch_size, tensor_parallel_size=num_gpus))
     tok = engine.tokenizer
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              if chat else p for p in prompts]

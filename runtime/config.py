@@ -130,9 +130,6 @@ class ServerConfig:
             raise ConfigError("tls: must provide both cert and key")
         if self.tls_client_ca_cert_path and not self.tls_cert_path:
             raise ConfigError("tls: cannot provide client ca cert without keypair")
-        if self.world_size > 1:
-            raise ConfigError(f"{self.world_size} shards requested: tensor parallelism is not available in "
-                              "`tgis serve` yet; use --num-gpus 1")
 
     @property
     def effective_dtype(self) -> str | None:

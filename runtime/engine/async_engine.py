@@ -82,6 +82,11 @@ class AsyncEngine:
                 return out.error is None
         return False
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve at all (a tensor-parallel rank died), else None."""
+        return self.core.runner.failure
+
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self.core.listeners.append(fn)
 

@@ -19,3 +19,4 @@ class EngineConfig:
     max_queue_jump_s: float = 1.0  # FIFO with a bounded queue jump (spec §2.3)
     output_special_tokens: bool = False
     trust_remote_code: bool = False
+    tensor_parallel_size: int = 1  # ranks (processes) the model is split across

@@ -12,6 +12,7 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from runtime.engine.scheduler import Scheduler
 from runtime.engine.sequence import SeqStatus, Sequence
 from runtime.engine.stopping import DecodeStream
 from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, LoadedModel, load_model, model_max_sequence_length
+
+if TYPE_CHECKING:
+    from runtime.parallel.executor import ShardedRunner
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +79,19 @@ def _failure_reason(exc: BaseException) -> tuple[str, str]:
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        self.loaded = loaded or load_model(config.model_path, config.dtype, config.device, config.trust_remote_code)
+        if loaded is None and config.tensor_parallel_size > 1:
+            from runtime.parallel.executor import start_sharded
+
+            self.runner: ModelRunner | ShardedRunner = start_sharded(config)
+            self.loaded = self.runner.loaded
+        else:
+            self.loaded = loaded or load_model(config.model_path, config.dtype, config.device,
+                                               config.trust_remote_code)
+            self.runner = ModelRunner(self.loaded)
         lm = self.loaded
         self.max_sequence_length = (config.max_sequence_length or model_max_sequence_length(config.model_path)
                                     or DEFAULT_MAX_SEQUENCE_LENGTH)
         self.start_id = lm.decoder_start_token_id if lm.is_encoder_decoder else None
-        self.runner = ModelRunner(lm)
         self.sampler = Sampler(lm.eos_token_id, lm.vocab_size)
         self.tok_info = TokenizerInfo.from_tokenizer(
             lm.tokenizer, seq2seq=lm.is_encoder_decoder, output_special_tokens=config.output_special_tokens,
@@ -124,15 +135,18 @@ class EngineCore:
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Run until a shutdown message arrives."""
-        while True:
-            try:
-                idle = not self.scheduler.running and not self.scheduler.waiting
-                if not self._drain_inbox(block=idle):
-                    return
-                self.step()
-            except Exception as exc:  # a bug in our own bookkeeping: fail everything in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_all(_failure_reason(exc)[1])
+        try:
+            while True:
+                try:
+                    idle = not self.scheduler.running and not self.scheduler.waiting
+                    if not self._drain_inbox(block=idle):
+                        return
+                    self.step()
+                except Exception as exc:  # a bug in our own bookkeeping: fail everything in flight, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(_failure_reason(exc)[1])
+        finally:
+            self.runner.close()
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued messages; False on shutdown."""

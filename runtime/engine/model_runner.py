@@ -99,6 +99,8 @@ def _first_used_column(mask: torch.Tensor) -> int:
 class ModelRunner:
     """Runs prefill and decode forwards for one loaded model and maintains padded batches."""
 
+    failure: str | None = None  # set by runners that can break beyond one step (tensor-parallel groups)
+
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.model = loaded.model
@@ -178,6 +180,9 @@ class ModelRunner:
             a.enc_hidden = torch.cat([_pad_left(a.enc_hidden, enc_len, 1), _pad_left(b.enc_hidden, enc_len, 1)])
             a.enc_mask = torch.cat([_pad_left(a.enc_mask, enc_len, 1), _pad_left(b.enc_mask, enc_len, 1)])
         return a
+
+    def close(self) -> None:
+        """Nothing to release: the model and caches go with the object (a sharded runner stops its ranks)."""
 
     @staticmethod
     def keep(batch: Batch, rows: list[int]) -> Batch | None:

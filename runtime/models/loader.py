@@ -62,7 +62,9 @@ def _first(value) -> int | None:
 
 
 def load_model(model_path: str | Path, dtype: str | None = None, device: str | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, shard: tuple[int, int] | None = None) -> LoadedModel:
+    """Load model and tokenizer; `shard=(rank, world_size)` keeps only that tensor-parallel rank's slices (cut on
+    the CPU before moving to the device, so a GPU never holds the whole model)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -70,7 +72,13 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = cls.from_pretrained(model_path, dtype=dt, trust_remote_code=trust_remote_code).to(dev).eval()
+    model = cls.from_pretrained(model_path, dtype=dt, trust_remote_code=trust_remote_code).eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if shard is not None:
+        from runtime.parallel.layers import shard_model
+
+        shard_model(model, *shard)
+    model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     eos = _first(config.eos_token_id)
     if eos is None:  # TGIS falls back to the tokenizer's EOS when the config has none (TGIS #93)
@@ -83,5 +91,4 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     if seq2seq and start is None:
         start = config.bos_token_id if config.bos_token_id is not None else pad
     log.info("loaded %s (%s) on %s as %s", model_path, type(model).__name__, dev, dt)
-    vocab = model.get_output_embeddings().weight.shape[0]
     return LoadedModel(model, tokenizer, dev, dt, seq2seq, eos, pad, start, vocab)

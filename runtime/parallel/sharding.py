@@ -1,11 +1,6 @@
-"""Tensor-parallel split rules for Llama-family checkpoints, and writing/verifying per-rank shards.
-
-Megatron layout, matching what a tensor-parallel runtime computes without extra communication:
-- column-parallel (split the output dim, rows of the weight): q_proj by attention heads, k_proj/v_proj by KV heads
-  (GQA-aware: each rank keeps whole KV heads and the query heads that use them), gate_proj/up_proj;
-- row-parallel (split the input dim, columns of the weight; outputs all-reduced): o_proj, down_proj;
-- vocabulary-parallel: embed_tokens and lm_head by vocabulary rows;
-- everything else (norms, rotary buffers) replicated.
+"""`tgis shard`: write one safetensors directory per tensor-parallel rank, following `runtime.parallel.rules`,
+and verify that the rank files reassemble bit-exactly. Pre-split checkpoints require even splits (every rank's
+files the same shape); the runtime's in-memory slicing also handles uneven head groups.
 """
 
 from __future__ import annotations
@@ -13,47 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-SUPPORTED = ("llama", "mistral", "qwen2", "granite", "qwen3")
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
-VOCAB = ("embed_tokens", "lm_head")
+from runtime.parallel.rules import ShardingError, family, rule_for
 
-
-class ShardingError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Rule:
-    kind: str  # "column" / "vocab" (weight dim 0), "row" (weight dim 1), "replicate"
-
-    @property
-    def dim(self) -> int | None:
-        return {"column": 0, "vocab": 0, "row": 1}.get(self.kind)
-
-
-def rule_for(tensor_name: str) -> Rule:
-    parts = tensor_name.split(".")
-    module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
-    if module in COLUMN:
-        return Rule("column")  # weight rows and bias entries
-    if module in VOCAB:
-        return Rule("vocab")
-    if module in ROW and kind == "weight":
-        return Rule("row")  # a row-parallel bias is added once, after the reduce: replicated
-    return Rule("replicate")
+__all__ = ["ShardingError", "check_divisible", "reassemble", "shard_checkpoint", "verify"]
 
 
 def check_divisible(config: dict, world_size: int) -> None:
-    if config.get("model_type") not in SUPPORTED:
-        raise ShardingError(f"tgis shard supports {', '.join(SUPPORTED)} checkpoints, not "
-                            f"{config.get('model_type')!r}")
+    family(config)
     heads = config["num_attention_heads"]
     checks = {
         "num_attention_heads": heads,
@@ -93,7 +59,7 @@ def shard_checkpoint(model_dir: Path, world_size: int, out_dir: Path) -> dict:
     tensors = _load_all(model_dir)
     if config.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # each rank needs its own vocab slice
-    rules = {name: rule_for(name) for name in tensors}
+    rules = {name: rule_for(config, name) for name in tensors}
     out_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(world_size):
         rank_dir = out_dir / f"rank-{rank}"
@@ -110,7 +76,7 @@ def shard_checkpoint(model_dir: Path, world_size: int, out_dir: Path) -> dict:
         "model_type": config["model_type"],
         "source": str(model_dir),
         "source_files": {f.name: _sha256(f) for f in sorted(model_dir.glob("*.safetensors"))},
-        "rules": {name: {"split": rule.kind, "dim": rule.dim} for name, rule in sorted(rules.items())},
+        "rules": {name: {"split": rule.split, "dim": rule.dim} for name, rule in sorted(rules.items())},
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     verify(out_dir, tensors)

@@ -100,7 +100,8 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
         max_sequence_length=max_sequence_length, max_batch_size=config.max_batch_size,
         max_waiting_tokens=config.max_waiting_tokens, max_prefill_tokens=config.max_prefill_tokens,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
-        output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code)
+        output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code,
+        tensor_parallel_size=config.world_size)
 
 
 def run(config: ServerConfig) -> int:
@@ -165,10 +166,26 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     log.info("Serving %s on %s (%s) and /health, /metrics on %s:%d", SERVICE_NAME, address,
              "mTLS" if config.tls_client_ca_cert_path else "TLS" if credentials else "plaintext", config.host,
              http.port)
-    await stop.wait()
+    code = await _until_stop_or_failure(engine, stop)
+    if code:
+        write_termination_log(config.termination_log_path, engine.failure)
     log.info("Shutting down: finishing in-flight requests (grace period %.0f s)", config.shutdown_grace_period)
     await health_servicer.enter_graceful_shutdown()
     await asyncio.to_thread(http.stop)
     await server.stop(config.shutdown_grace_period)
     log.info("Shutdown complete")
+    return code
+
+
+async def _until_stop_or_failure(engine, stop: asyncio.Event, poll_s: float = 0.5) -> int:
+    """0 on SIGTERM/SIGINT; 1 when the engine can no longer serve (a tensor-parallel rank died): as TGIS' launcher,
+    the server then stops so that its supervisor restarts it."""
+    while not stop.is_set():
+        if engine.failure:
+            log.error("fatal: %s", engine.failure)
+            return 1
+        try:
+            await asyncio.wait_for(stop.wait(), poll_s)
+        except TimeoutError:
+            pass
     return 0

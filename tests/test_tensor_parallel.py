@@ -1,0 +1,166 @@
+"""Tensor parallelism with 2 CPU processes (gloo): the same results as one process, and a dead rank stops the server.
+
+Every test that starts ranks has a hard timeout (pytest-timeout, plus per-call deadlines)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from engine_utils import request, run
+from server_harness import running_server
+from test_engine import MAX_NEW, PROMPTS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from proto import generation_pb2 as pb
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.config import EngineConfig
+from runtime.engine.request import StopReason
+from runtime.parallel.rules import ShardingError, rule_for, unit_sizes
+
+T = 120
+SMOLLM2 = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+           "intermediate_size": 1536}
+
+
+def test_rules_split_gqa_head_groups_unevenly():
+    sizes = unit_sizes(SMOLLM2, 2, 49152)
+    assert sizes["q"] == [6 * 64, 3 * 64]  # each rank keeps the 3 query heads of each of its KV heads
+    assert sizes["kv"] == [2 * 64, 1 * 64]
+    assert sizes["mlp"] == [768, 768] and sizes["vocab"] == [24576, 24576]
+    neox = unit_sizes({"model_type": "gpt_neox", "num_attention_heads": 4, "hidden_size": 64,
+                       "intermediate_size": 256}, 2, 1031)
+    assert neox["qkv"] == [3 * 2 * 16] * 2 and neox["vocab"] == [516, 515]
+    with pytest.raises(ShardingError, match=r"num_key_value_heads \(3\) is smaller than the number of shards \(4\)"):
+        unit_sizes(SMOLLM2, 4, 49152)
+    with pytest.raises(ShardingError, match="not 't5'"):
+        unit_sizes({"model_type": "t5"}, 2, 100)
+    assert rule_for(SMOLLM2, "model.layers.3.self_attn.o_proj.weight").split == "row"
+    assert rule_for(SMOLLM2, "model.layers.3.self_attn.o_proj.bias").split == "replicate"
+    assert rule_for(SMOLLM2, "model.norm.weight").split == "replicate"
+
+
+@pytest.fixture
+def pair(tiny_model):
+    """(one-process engine, two-rank engine) with the same options. A process drives one sharded engine at a time
+    (rank 0 owns the default process group), so each test shuts its pair down."""
+    made: list[AsyncEngine] = []
+
+    def get(name: str, **cfg) -> tuple[AsyncEngine, AsyncEngine]:
+        for tp in (1, 2):
+            made.append(AsyncEngine(EngineConfig(model_path=str(tiny_model(name)), tensor_parallel_size=tp, **cfg)))
+        return made[-2], made[-1]
+
+    yield get
+    for engine in made:
+        engine.shutdown()
+
+
+def _run_both(pair_engines, make_requests, join_after_steps=None):
+    return [run(engine, make_requests(engine), join_after_steps) for engine in pair_engines]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+def test_two_ranks_match_one_under_continuous_batching(pair, name):
+    engines = pair(name, max_batch_size=6, max_waiting_tokens=2)
+    assert engines[1].core.runner.local.model.get_input_embeddings().weight.shape[0] < \
+        engines[0].core.loaded.model.get_input_embeddings().weight.shape[0]  # really sharded
+
+    def greedy(engine):
+        return [request(engine, t, max_new_tokens=n) for t, n in zip(PROMPTS, MAX_NEW, strict=True)]
+
+    one, two = _run_both(engines, greedy, join_after_steps=[0, 0, 1, 2, 3, 5, 6, 8, 9, 12])
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    assert [r.final.output_text for r in two] == [r.final.output_text for r in one]
+
+    def sampled_with_details(engine):
+        return [request(engine, t, max_new_tokens=8, temperature=0.8, top_k=40, seed=7 + i, token_logprobs=True,
+                        token_ranks=True, input_tokens=True) for i, t in enumerate(PROMPTS[:4])]
+
+    one, two = _run_both(engines, sampled_with_details)
+    for a, b in zip(one, two, strict=True):
+        assert b.token_ids == a.token_ids
+        got = [d.logprob for o in b.outputs for d in [*(o.input_tokens or []), *o.tokens]]
+        want = [d.logprob for o in a.outputs for d in [*(o.input_tokens or []), *o.tokens]]
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_preempt_and_recompute_like_one(pair):
+    engines = pair("llama", max_batch_size=8, kv_cache_tokens=512, max_sequence_length=256)
+    preempted = []
+    engines[1].add_step_listener(lambda s: preempted.append(s.preempted))
+
+    def long(engine):
+        return [request(engine, PROMPTS[i % len(PROMPTS)] * 3, max_new_tokens=60, min_new_tokens=60)
+                for i in range(8)]
+
+    one, two = _run_both(engines, long)
+    assert sum(preempted) > 0, "the test must exhaust the cache"
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    assert all(r.final.stop_reason == StopReason.MAX_TOKENS for r in two)
+    assert engines[1].failure is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_serve_two_ranks_smollm2_then_a_dead_rank_stops_the_server(smollm2_dir, tmp_path):
+    """SmolLM2 has 9 query / 3 KV heads: ranks hold 6+3 / 2+1 heads. Greedy text equals transformers; killing
+    rank 1 fails the running stream, and the server exits 1 with the reason in the termination log."""
+    prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    expected = []
+    for text in prompts:
+        ids = tok(text, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+        expected.append(tok.decode(out[0, ids.shape[1]:]))
+    with running_server(smollm2_dir, tmp_path, "--num-gpus", "2", "--dtype", "float32") as server:
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            resp = stub.Generate(pb.BatchedGenerationRequest(
+                requests=[pb.GenerationRequest(text=t) for t in prompts],
+                params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=20))), timeout=T)
+            assert [r.text for r in resp.responses] == expected
+            assert resp.responses[0].text.startswith(" Paris.")
+            worker = _shard_pid(server.proc.pid)
+            stream = stub.GenerateStream(pb.SingleGenerationRequest(
+                request=pb.GenerationRequest(text="Tell me a long story."),
+                params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=500, min_new_tokens=500))),
+                timeout=T)
+            next(stream), next(stream)
+            os.kill(worker, signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as failed:
+                list(stream)
+            assert failed.value.code() == grpc.StatusCode.UNKNOWN
+            assert failed.value.details().startswith("Request failed during generation")
+            assert server.wait(timeout=60) == 1
+        assert "Shard 1 exited with code -9" in server.termination_log.read_text()
+        assert "fatal: Shard 1 exited" in server.logs()
+
+
+def _shard_pid(parent: int) -> int:
+    """The pid of rank 1: the server's spawned child that is not multiprocessing's resource tracker."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tasks = Path(f"/proc/{parent}/task").iterdir()
+        for child in [c for task in tasks for c in (task / "children").read_text().split()]:
+            cmdline = open(f"/proc/{child}/cmdline", "rb").read().replace(b"\0", b" ")
+            if b"multiprocessing.spawn" in cmdline:
+                return int(child)
+        time.sleep(0.1)
+    raise AssertionError("no shard process found")
+
+
+def test_start_errors(pair, tiny_model):
+    with pytest.raises(ShardingError, match="not 'gpt2'"):
+        AsyncEngine(EngineConfig(model_path=str(tiny_model("gpt2")), tensor_parallel_size=2))
+    pair("llama")
+    with pytest.raises(RuntimeError, match="a tensor-parallel engine is already running in this process"):
+        AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), tensor_parallel_size=2))
