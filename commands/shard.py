@@ -17,7 +17,8 @@ def shard(
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (cached ids)."),
 ) -> None:
     """Split attention by (KV) heads, MLP gate/up by columns and down by rows, o_proj by rows, embeddings and
-    lm_head by vocabulary; record rules and source checksums; verify the shards reassemble bit-exactly."""
+    lm_head by vocabulary; record rules and source checksums; verify the shards reassemble bit-exactly.
+    Serve the output directory with `tgis serve --model-name DIR --num-gpus N`: each rank then reads only its file."""
     from runtime.parallel.sharding import ShardingError, shard_checkpoint
 
     try:

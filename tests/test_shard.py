@@ -46,6 +46,7 @@ def test_llama_two_ranks_reassemble_bit_exactly(tiny_model, tmp_path):
         assert torch.equal(rebuilt, tensor), name
     assert (tmp_path / "tp2" / "rank-1" / "config.json").exists()
     assert (tmp_path / "tp2" / "rank-1" / "tokenizer.json").exists()
+    assert (tmp_path / "tp2" / "config.json").exists() and (tmp_path / "tp2" / "tokenizer.json").exists()
     again = _shard(src, 2, tmp_path / "tp2")
     assert again.exit_code == 1 and "is not empty: remove it first" in _text(again)
 

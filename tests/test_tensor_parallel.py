@@ -22,6 +22,7 @@ from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
 from runtime.engine.request import StopReason
 from runtime.parallel.rules import ShardingError, rule_for, unit_sizes
+from runtime.parallel.sharding import shard_checkpoint
 
 T = 120
 SMOLLM2 = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
@@ -106,6 +107,25 @@ def test_two_ranks_preempt_and_recompute_like_one(pair):
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
     assert all(r.final.stop_reason == StopReason.MAX_TOKENS for r in two)
     assert engines[1].failure is None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+def test_presplit_checkpoint_serves_like_the_original(tiny_model, tmp_path, name):
+    """`tgis shard` output: each rank reads only its own file, and the tokens equal one process on the original."""
+    source = tiny_model(name)
+    shard_checkpoint(source, 2, tmp_path / "tp2")
+    with pytest.raises(ValueError, match="was split for 2 ranks by `tgis shard`: serve it with --num-gpus 2"):
+        AsyncEngine(EngineConfig(model_path=str(tmp_path / "tp2")))
+    results = []
+    for path, tp in ((source, 1), (tmp_path / "tp2", 2)):
+        engine = AsyncEngine(EngineConfig(model_path=str(path), tensor_parallel_size=tp, max_batch_size=4))
+        try:
+            reqs = [request(engine, t, max_new_tokens=n) for t, n in zip(PROMPTS, MAX_NEW, strict=True)]
+            results.append([r.token_ids for r in run(engine, reqs, join_after_steps=[0, 0, 1, 2, 3, 5, 6, 8, 9, 12])])
+        finally:
+            engine.shutdown()
+    assert results[1] == results[0]
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.parallel.sharding import read_manifest
+
 log = logging.getLogger(__name__)
 
 # config keys TGIS reads, in order, for the model's own max_sequence_length (spec §4.3)
@@ -72,12 +74,26 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = cls.from_pretrained(model_path, dtype=dt, trust_remote_code=trust_remote_code).eval()
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if shard is not None:
-        from runtime.parallel.layers import shard_model
+    manifest = read_manifest(model_path)
+    if manifest is not None and (shard is None or shard[1] != manifest["world_size"]):
+        raise ValueError(f"{model_path} was split for {manifest['world_size']} ranks by `tgis shard`: serve it with "
+                         f"--num-gpus {manifest['world_size']}")
+    if manifest is not None:
+        from accelerate import init_empty_weights
 
-        shard_model(model, *shard)
+        from runtime.parallel.layers import load_presplit
+
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config, dtype=dt, trust_remote_code=trust_remote_code).eval()
+        vocab = model.get_output_embeddings().weight.shape[0]
+        load_presplit(model, Path(model_path) / f"rank-{shard[0]}", *shard, dt)
+    else:
+        model = cls.from_pretrained(model_path, dtype=dt, trust_remote_code=trust_remote_code).eval()
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if shard is not None:
+            from runtime.parallel.layers import shard_model
+
+            shard_model(model, *shard)
     model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     eos = _first(config.eos_token_id)

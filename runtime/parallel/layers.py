@@ -8,12 +8,15 @@ its own heads.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from runtime.parallel.rules import local_slice, rule_for, unit_sizes
+from runtime.parallel.rules import RENAMED, ShardingError, local_slice, rule_for, unit_sizes
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -70,19 +73,22 @@ def _slice_linear(linear: nn.Linear, dim: int, part: slice, keep_bias: bool) -> 
             linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
 
 
-def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
-    """Slice every split weight of `model` to rank `rank`'s part (rules of runtime.parallel.rules)."""
+def shard_model(model: nn.Module, rank: int, world_size: int) -> list[str]:
+    """Slice every split weight of `model` to rank `rank`'s part (rules of runtime.parallel.rules); works on meta
+    tensors too. Returns the row-parallel module names (their bias is rank 0's alone)."""
     config = model.config.to_dict()
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     sizes = unit_sizes(config, world_size, vocab_rows)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
+    rows = []
     for name, module in list(model.named_modules()):
         rule = rule_for(config, name + ".weight")
         if rule.split in ("column", "row") and isinstance(module, nn.Linear):
             _slice_linear(module, rule.dim, local_slice(sizes[rule.unit], rank), keep_bias=rank == 0)
             if rule.split == "row":
                 module.register_forward_hook(_all_reduce_output)
+                rows.append(name)
     part = local_slice(sizes["vocab"], rank)
     new_embedding = VocabParallelEmbedding(embedding.weight.data[part].contiguous(), part.start)
     model.set_input_embeddings(new_embedding)
@@ -91,3 +97,28 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> None:
                                                                 requires_grad=False)
         bias = None if getattr(head, "bias", None) is None else head.bias.data[part].contiguous()
         model.set_output_embeddings(VocabParallelLMHead(weight, bias, sizes["vocab"]))
+    return rows
+
+
+def load_presplit(model: nn.Module, rank_dir: Path, rank: int, world_size: int, dtype: torch.dtype) -> None:
+    """Fill a skeleton whose parameters are on the meta device with a `tgis shard` rank directory: the rank reads
+    only its own slice from disk."""
+    rows = shard_model(model, rank, world_size)
+    expected = model.state_dict()
+    tensors = {RENAMED.get(k, k) if RENAMED.get(k) in expected else k: v
+               for k, v in load_file(rank_dir / "model.safetensors").items()}
+    for name, tensor in tensors.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise ShardingError(f"{rank_dir}: {name} has shape {tuple(tensor.shape)}, this rank expects "
+                                f"{tuple(expected[name].shape)}")
+        if rank and name.removesuffix(".bias") in rows and name.endswith(".bias"):
+            tensor = torch.zeros_like(tensor)  # added once, by rank 0
+        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    missing, _ = model.load_state_dict(tensors, strict=False, assign=True)
+    if tied:
+        head.weight = embedding.weight
+    missing = [n for n in missing if not (tied and n == "lm_head.weight")]
+    if missing:
+        raise ShardingError(f"{rank_dir} lacks {', '.join(missing[:5])}")

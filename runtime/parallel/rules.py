@@ -26,8 +26,11 @@ MODULES = {
             "o_proj": ("row", "q"), "gate_proj": ("column", "mlp"), "up_proj": ("column", "mlp"),
             "down_proj": ("row", "mlp"), "embed_tokens": ("vocab", "vocab"), "lm_head": ("vocab", "vocab")},
     NEOX: {"query_key_value": ("column", "qkv"), "dense": ("row", "q"), "dense_h_to_4h": ("column", "mlp"),
-           "dense_4h_to_h": ("row", "mlp"), "embed_in": ("vocab", "vocab"), "embed_out": ("vocab", "vocab")},
+           "dense_4h_to_h": ("row", "mlp"), "embed_in": ("vocab", "vocab"), "embed_out": ("vocab", "vocab"),
+           "lm_head": ("vocab", "vocab")},
 }
+# checkpoint tensor names of modules that recent transformers versions renamed (loaded under the new name)
+RENAMED = {"embed_out.weight": "lm_head.weight"}
 
 
 class ShardingError(ValueError):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from runtime.parallel.rules import ShardingError, family, rule_for
 
-__all__ = ["ShardingError", "check_divisible", "reassemble", "shard_checkpoint", "verify"]
+__all__ = ["ShardingError", "check_divisible", "read_manifest", "reassemble", "shard_checkpoint", "verify"]
+META_SKIP = (".safetensors", ".bin", ".gguf", ".index.json", ".pt", ".pth")
 
 
 def check_divisible(config: dict, world_size: int) -> None:
@@ -68,9 +69,8 @@ def shard_checkpoint(model_dir: Path, world_size: int, out_dir: Path) -> dict:
                 for name, t in tensors.items()}
         save_file(part, rank_dir / "model.safetensors", metadata={"format": "pt", "rank": str(rank),
                                                                     "world_size": str(world_size)})
-        for meta in model_dir.iterdir():
-            if meta.is_file() and not meta.name.endswith((".safetensors", ".bin", ".gguf", ".index.json")):
-                shutil.copy(meta, rank_dir / meta.name)
+        _copy_meta(model_dir, rank_dir)
+    _copy_meta(model_dir, out_dir)  # config + tokenizer at the top too: the directory resolves like any model
     manifest = {
         "world_size": world_size,
         "model_type": config["model_type"],
@@ -81,6 +81,18 @@ def shard_checkpoint(model_dir: Path, world_size: int, out_dir: Path) -> dict:
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     verify(out_dir, tensors)
     return manifest
+
+
+def _copy_meta(src: Path, dst: Path) -> None:
+    for meta in src.iterdir():
+        if meta.is_file() and not meta.name.endswith(META_SKIP):
+            shutil.copy(meta, dst / meta.name)
+
+
+def read_manifest(model_dir: str | Path) -> dict | None:
+    """The `tgis shard` manifest when `model_dir` is a pre-split checkpoint, else None."""
+    path = Path(model_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def reassemble(out_dir: Path) -> dict[str, torch.Tensor]:
