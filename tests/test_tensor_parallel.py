@@ -39,8 +39,12 @@ def test_rules_split_gqa_head_groups_unevenly():
     assert neox["qkv"] == [3 * 2 * 16] * 2 and neox["vocab"] == [516, 515]
     with pytest.raises(ShardingError, match=r"num_key_value_heads \(3\) is smaller than the number of shards \(4\)"):
         unit_sizes(SMOLLM2, 4, 49152)
-    with pytest.raises(ShardingError, match="not 't5'"):
-        unit_sizes({"model_type": "t5"}, 2, 100)
+    t5 = unit_sizes({"model_type": "t5", "num_heads": 4, "d_kv": 16, "d_model": 64, "d_ff": 128}, 2, 1000)
+    assert t5["heads"] == [2, 2] and t5["q"] == [32, 32] and t5["mlp"] == [64, 64]
+    bias_table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert rule_for({"model_type": "t5"}, bias_table).dim == 1
+    with pytest.raises(ShardingError, match="not 'bloom'"):
+        unit_sizes({"model_type": "bloom"}, 2, 100)
     assert rule_for(SMOLLM2, "model.layers.3.self_attn.o_proj.weight").split == "row"
     assert rule_for(SMOLLM2, "model.layers.3.self_attn.o_proj.bias").split == "replicate"
     assert rule_for(SMOLLM2, "model.norm.weight").split == "replicate"
@@ -67,7 +71,7 @@ def _run_both(pair_engines, make_requests, join_after_steps=None):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "t5"])
 def test_two_ranks_match_one_under_continuous_batching(pair, name):
     engines = pair(name, max_batch_size=6, max_waiting_tokens=2)
     assert engines[1].core.runner.local.model.get_input_embeddings().weight.shape[0] < \
@@ -110,7 +114,7 @@ def test_two_ranks_preempt_and_recompute_like_one(pair):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "t5"])
 def test_presplit_checkpoint_serves_like_the_original(tiny_model, tmp_path, name):
     """`tgis shard` output: each rank reads only its own file, and the tokens equal one process on the original."""
     source = tiny_model(name)

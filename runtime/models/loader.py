@@ -85,6 +85,7 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
 
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, dtype=dt, trust_remote_code=trust_remote_code).eval()
+        model.tie_weights()  # from_config leaves tied heads as separate parameters
         vocab = model.get_output_embeddings().weight.shape[0]
         load_presplit(model, Path(model_path) / f"rank-{shard[0]}", *shard, dt)
     else:

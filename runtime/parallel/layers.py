@@ -84,11 +84,17 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> list[str]:
     rows = []
     for name, module in list(model.named_modules()):
         rule = rule_for(config, name + ".weight")
+        part = local_slice(sizes[rule.unit], rank) if rule.unit else None
         if rule.split in ("column", "row") and isinstance(module, nn.Linear):
-            _slice_linear(module, rule.dim, local_slice(sizes[rule.unit], rank), keep_bias=rank == 0)
+            _slice_linear(module, rule.dim, part, keep_bias=rank == 0)
             if rule.split == "row":
                 module.register_forward_hook(_all_reduce_output)
                 rows.append(name)
+        elif rule.split == "heads":  # a [buckets, heads] table
+            module.weight = nn.Parameter(module.weight.data[:, part].contiguous(), requires_grad=False)
+        if hasattr(module, "n_heads"):  # T5 attention sizes its zero position bias by it
+            module.n_heads = sizes["heads"][rank]
+            module.inner_dim = sizes["q"][rank]
     part = local_slice(sizes["vocab"], rank)
     new_embedding = VocabParallelEmbedding(embedding.weight.data[part].contiguous(), part.start)
     model.set_input_embeddings(new_embedding)
@@ -116,9 +122,9 @@ def load_presplit(model: nn.Module, rank_dir: Path, rank: int, world_size: int, 
         tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
-    missing, _ = model.load_state_dict(tensors, strict=False, assign=True)
+    model.load_state_dict(tensors, strict=False, assign=True)  # a module shared under several names loads once
     if tied:
         head.weight = embedding.weight
-    missing = [n for n in missing if not (tied and n == "lm_head.weight")]
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ShardingError(f"{rank_dir} lacks {', '.join(missing[:5])}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.parallel.rules import ShardingError, family, rule_for
+from runtime.parallel.rules import ShardingError, dims, family, rule_for
 
 __all__ = ["ShardingError", "check_divisible", "read_manifest", "reassemble", "shard_checkpoint", "verify"]
 META_SKIP = (".safetensors", ".bin", ".gguf", ".index.json", ".pt", ".pth")
@@ -21,13 +21,9 @@ META_SKIP = (".safetensors", ".bin", ".gguf", ".index.json", ".pt", ".pth")
 
 def check_divisible(config: dict, world_size: int) -> None:
     family(config)
-    heads = config["num_attention_heads"]
-    checks = {
-        "num_attention_heads": heads,
-        "num_key_value_heads": config.get("num_key_value_heads") or heads,
-        "intermediate_size": config["intermediate_size"],
-        "vocab_size": config["vocab_size"],
-    }
+    d = dims(config)
+    checks = {"num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads, "intermediate_size": d.intermediate,
+              "vocab_size": config["vocab_size"]}
     for key, value in checks.items():
         if value % world_size:
             raise ShardingError(f"{key} ({value}) is not divisible by --num-shards {world_size}")
