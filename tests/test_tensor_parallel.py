@@ -21,7 +21,7 @@ from proto import generation_pb2 as pb
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
 from runtime.engine.request import StopReason
-from runtime.parallel.rules import ShardingError, rule_for, unit_sizes
+from runtime.parallel.rules import Rule, ShardingError, plan, rule_for
 from runtime.parallel.sharding import shard_checkpoint
 
 T = 120
@@ -30,24 +30,36 @@ SMOLLM2 = {"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads
 
 
 def test_rules_split_gqa_head_groups_unevenly():
-    sizes = unit_sizes(SMOLLM2, 2, 49152)
-    assert sizes["q"] == [6 * 64, 3 * 64]  # each rank keeps the 3 query heads of each of its KV heads
-    assert sizes["kv"] == [2 * 64, 1 * 64]
-    assert sizes["mlp"] == [768, 768] and sizes["vocab"] == [24576, 24576]
-    neox = unit_sizes({"model_type": "gpt_neox", "num_attention_heads": 4, "hidden_size": 64,
-                       "intermediate_size": 256}, 2, 1031)
-    assert neox["qkv"] == [3 * 2 * 16] * 2 and neox["vocab"] == [516, 515]
+    p = plan(SMOLLM2, 2, 49152)
+    assert p.sizes("q") == [6 * 64, 3 * 64]  # each rank keeps the 3 query heads of each of its KV heads
+    assert p.sizes("kv") == [2 * 64, 1 * 64] and (p.q_heads, p.kv_heads) == ([6, 3], [2, 1])
+    assert p.sizes("mlp") == [768, 768] and p.sizes("vocab") == [24576, 24576]
+    neox = plan({"model_type": "gpt_neox", "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 256},
+                2, 1031)
+    assert neox.ranges["qkv"] == [[(0, 96)], [(96, 192)]] and neox.sizes("vocab") == [516, 515]
     with pytest.raises(ShardingError, match=r"num_key_value_heads \(3\) is smaller than the number of shards \(4\)"):
-        unit_sizes(SMOLLM2, 4, 49152)
-    t5 = unit_sizes({"model_type": "t5", "num_heads": 4, "d_kv": 16, "d_model": 64, "d_ff": 128}, 2, 1000)
-    assert t5["heads"] == [2, 2] and t5["q"] == [32, 32] and t5["mlp"] == [64, 64]
+        plan(SMOLLM2, 4, 49152)
+    t5 = plan({"model_type": "t5", "num_heads": 4, "d_kv": 16, "d_model": 64, "d_ff": 128}, 2, 1000)
+    assert t5.sizes("heads") == [2, 2] and t5.sizes("q") == [32, 32] and t5.sizes("mlp") == [64, 64]
     bias_table = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     assert rule_for({"model_type": "t5"}, bias_table).dim == 1
     with pytest.raises(ShardingError, match="not 'bloom'"):
-        unit_sizes({"model_type": "bloom"}, 2, 100)
+        plan({"model_type": "bloom"}, 2, 100)
     assert rule_for(SMOLLM2, "model.layers.3.self_attn.o_proj.weight").split == "row"
     assert rule_for(SMOLLM2, "model.layers.3.self_attn.o_proj.bias").split == "replicate"
     assert rule_for(SMOLLM2, "model.norm.weight").split == "replicate"
+
+
+def test_rules_fused_qkv_blocks_and_multi_query():
+    gpt2 = {"model_type": "gpt2", "n_head": 4, "n_embd": 64}
+    # [q | k | v] blocks of 64 columns: rank 1 takes heads 2-3 of each block
+    assert plan(gpt2, 2, 1000).ranges["qkv_blocks"][1] == [(32, 64), (96, 128), (160, 192)]
+    assert rule_for(gpt2, "transformer.h.0.attn.c_proj.weight") == Rule("row", "q")
+    assert rule_for(gpt2, "transformer.h.0.mlp.c_proj.weight") == Rule("row", "mlp")
+    mqa = plan({"model_type": "gpt_bigcode", "n_head": 4, "n_embd": 64, "multi_query": True}, 2, 1000)
+    # every rank keeps the single KV head (columns 64-96 of [q | k | v]) and half of the query heads
+    assert mqa.ranges["qkv_blocks"] == [[(0, 32), (64, 80), (80, 96)], [(32, 64), (64, 80), (80, 96)]]
+    assert (mqa.q_heads, mqa.kv_heads) == ([2, 2], [1, 1])
 
 
 @pytest.fixture
@@ -71,7 +83,7 @@ def _run_both(pair_engines, make_requests, join_after_steps=None):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["llama", "gpt_neox", "t5"])
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "t5", "gpt2", "gpt_bigcode"])
 def test_two_ranks_match_one_under_continuous_batching(pair, name):
     engines = pair(name, max_batch_size=6, max_waiting_tokens=2)
     assert engines[1].core.runner.local.model.get_input_embeddings().weight.shape[0] < \
@@ -183,8 +195,8 @@ def _shard_pid(parent: int) -> int:
 
 
 def test_start_errors(pair, tiny_model):
-    with pytest.raises(ShardingError, match="not 'gpt2'"):
-        AsyncEngine(EngineConfig(model_path=str(tiny_model("gpt2")), tensor_parallel_size=2))
+    with pytest.raises(ShardingError, match=r"num_attention_heads \(4\) is smaller than the number of shards \(8\)"):
+        AsyncEngine(EngineConfig(model_path=str(tiny_model("gpt2")), tensor_parallel_size=8))
     pair("llama")
     with pytest.raises(RuntimeError, match="a tensor-parallel engine is already running in this process"):
         AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), tensor_parallel_size=2))

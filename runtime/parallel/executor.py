@@ -32,7 +32,7 @@ import torch.distributed as dist
 from runtime.engine.config import EngineConfig
 from runtime.engine.model_runner import Batch, ModelRunner, PrefillItem
 from runtime.models.loader import LoadedModel, load_model, resolve_device
-from runtime.parallel.rules import unit_sizes
+from runtime.parallel.rules import plan
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def start_sharded(config: EngineConfig) -> ShardedRunner:
     if dist.is_initialized():  # rank 0 uses the default process group: one sharded engine per process
         raise RuntimeError("a tensor-parallel engine is already running in this process")
     model_config = json.loads((Path(config.model_path) / "config.json").read_text())
-    unit_sizes(model_config, world_size, model_config.get("vocab_size") or world_size)  # fail before spawning
+    plan(model_config, world_size, model_config.get("vocab_size") or world_size)  # fail before spawning
     rank_device(config, 0, world_size)
     port = _free_port()
     ctx = mp.get_context("spawn")

@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from runtime.parallel.rules import RENAMED, ShardingError, local_slice, rule_for, unit_sizes
+from runtime.parallel.rules import RENAMED, Ranges, ShardingError, plan, rule_for
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -60,49 +61,66 @@ def _all_reduce_output(module: nn.Module, args, output: torch.Tensor) -> torch.T
     return output
 
 
-def _slice_linear(linear: nn.Linear, dim: int, part: slice, keep_bias: bool) -> None:
-    weight = linear.weight.data.narrow(dim, part.start, part.stop - part.start).contiguous()
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if dim == 0:
-        linear.out_features = weight.shape[0]
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.data[part].contiguous(), requires_grad=False)
-    else:
-        linear.in_features = weight.shape[1]
-        if linear.bias is not None and not keep_bias:  # summed by the all-reduce: added by rank 0 only
-            linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=False)
+def _take(t: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+    parts = [t.narrow(dim, a, b - a) for a, b in ranges]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)).contiguous()
+
+
+def _slice_projection(module: nn.Module, split: str, ranges: Ranges, keep_bias: bool) -> None:
+    """Keep output features (`column`) or input features (`row`); Conv1D (GPT-2) stores its weight transposed."""
+    out_dim = 1 if isinstance(module, Conv1D) else 0
+    dim = out_dim if split == "column" else 1 - out_dim
+    module.weight = nn.Parameter(_take(module.weight.data, dim, ranges), requires_grad=False)
+    if module.bias is not None and split == "column":
+        module.bias = nn.Parameter(_take(module.bias.data, 0, ranges), requires_grad=False)
+    elif module.bias is not None and not keep_bias:  # summed by the all-reduce: added by rank 0 only
+        module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
+    for attr, size_dim in (("out_features", 0), ("in_features", 1), ("nf", 1)):
+        if hasattr(module, attr):
+            setattr(module, attr, module.weight.shape[size_dim])
+
+
+def _tell_heads(attention: nn.Module, q_heads: int, kv_heads: int, head_dim: int) -> None:
+    """Attention modules that size tensors from their own head counts get this rank's counts (only the
+    attributes a module already has are set)."""
+    values = {"n_heads": q_heads, "num_heads": q_heads, "num_attention_heads": q_heads, "kv_heads": kv_heads,
+              "num_key_value_groups": q_heads // kv_heads, "inner_dim": q_heads * head_dim,
+              "embed_dim": q_heads * head_dim, "split_size": q_heads * head_dim, "kv_dim": kv_heads * head_dim}
+    for attr, value in values.items():
+        if isinstance(getattr(attention, attr, None), int):
+            setattr(attention, attr, value)
 
 
 def shard_model(model: nn.Module, rank: int, world_size: int) -> list[str]:
     """Slice every split weight of `model` to rank `rank`'s part (rules of runtime.parallel.rules); works on meta
     tensors too. Returns the row-parallel module names (their bias is rank 0's alone)."""
     config = model.config.to_dict()
-    vocab_rows = model.get_input_embeddings().weight.shape[0]
-    sizes = unit_sizes(config, world_size, vocab_rows)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    p = plan(config, world_size, embedding.weight.shape[0])
     tied = head is not None and head.weight is embedding.weight
-    rows = []
-    for name, module in list(model.named_modules()):
+    modules = dict(model.named_modules())
+    rows, attention = [], set()
+    for name, module in modules.items():
         rule = rule_for(config, name + ".weight")
-        part = local_slice(sizes[rule.unit], rank) if rule.unit else None
-        if rule.split in ("column", "row") and isinstance(module, nn.Linear):
-            _slice_linear(module, rule.dim, part, keep_bias=rank == 0)
+        if rule.split in ("column", "row") and isinstance(module, nn.Linear | Conv1D):
+            _slice_projection(module, rule.split, p.ranges[rule.unit][rank], keep_bias=rank == 0)
             if rule.split == "row":
                 module.register_forward_hook(_all_reduce_output)
                 rows.append(name)
+            if rule.unit in ("q", "qkv", "qkv_blocks"):
+                attention.add(name.rpartition(".")[0])
         elif rule.split == "heads":  # a [buckets, heads] table
-            module.weight = nn.Parameter(module.weight.data[:, part].contiguous(), requires_grad=False)
-        if hasattr(module, "n_heads"):  # T5 attention sizes its zero position bias by it
-            module.n_heads = sizes["heads"][rank]
-            module.inner_dim = sizes["q"][rank]
-    part = local_slice(sizes["vocab"], rank)
-    new_embedding = VocabParallelEmbedding(embedding.weight.data[part].contiguous(), part.start)
+            module.weight = nn.Parameter(_take(module.weight.data, 1, p.ranges["heads"][rank]), requires_grad=False)
+    for name in attention:
+        _tell_heads(modules[name], p.q_heads[rank], p.kv_heads[rank], p.head_dim)
+    [(start, stop)] = p.ranges["vocab"][rank]
+    new_embedding = VocabParallelEmbedding(embedding.weight.data[start:stop].contiguous(), start)
     model.set_input_embeddings(new_embedding)
     if head is not None:
-        weight = new_embedding.weight if tied else nn.Parameter(head.weight.data[part].contiguous(),
+        weight = new_embedding.weight if tied else nn.Parameter(head.weight.data[start:stop].contiguous(),
                                                                 requires_grad=False)
-        bias = None if getattr(head, "bias", None) is None else head.bias.data[part].contiguous()
-        model.set_output_embeddings(VocabParallelLMHead(weight, bias, sizes["vocab"]))
+        bias = None if getattr(head, "bias", None) is None else head.bias.data[start:stop].contiguous()
+        model.set_output_embeddings(VocabParallelLMHead(weight, bias, p.sizes("vocab")))
     return rows
 
 

@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.parallel.rules import ShardingError, dims, family, rule_for
+from runtime.parallel.rules import PRESPLIT, ShardingError, dims, family, rule_for
 
 __all__ = ["ShardingError", "check_divisible", "read_manifest", "reassemble", "shard_checkpoint", "verify"]
 META_SKIP = (".safetensors", ".bin", ".gguf", ".index.json", ".pt", ".pth")
 
 
 def check_divisible(config: dict, world_size: int) -> None:
-    family(config)
+    if family(config) not in PRESPLIT:
+        raise ShardingError(f"tgis shard writes contiguous splits only ({', '.join(PRESPLIT)} families), not "
+                            f"{config.get('model_type')!r}: serve it with --num-gpus N from the original checkpoint")
     d = dims(config)
     checks = {"num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads, "intermediate_size": d.intermediate,
               "vocab_size": config["vocab_size"]}
