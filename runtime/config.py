@@ -91,6 +91,17 @@ class ServerConfig:
     kv_cache_tokens: int | None = _opt(None, "--kv-cache-tokens", env="KV_CACHE_TOKENS",
                                        help="KV cache capacity in token slots (overrides the memory fraction).",
                                        check=(_positive, "kv_cache_tokens ({value}) must be at least 1"))
+    # prompt-tuning prefixes (prefix_id)
+    prefix_store_path: str | None = _opt(None, "--prefix-store-path", env="PREFIX_STORE_PATH",
+                                         help="Directory of prompt prefixes: <id>/decoder.pt, encoder.pt or a PEFT "
+                                              "adapter_model (enables prefix_id).")
+    max_prompt_prefix_length: int | None = _opt(
+        None, "--max-prompt-prefix-length", env="MAX_PROMPT_PREFIX_LENGTH",
+        help="Most virtual tokens in a prefix (default: half of max_sequence_length, rounded up).",
+        check=(_positive, "Invalid value for MAX_PROMPT_PREFIX_LENGTH"))
+    prompt_cache_size_mb: int = _opt(512, "--prompt-cache-size-mb", env="PROMPT_CACHE_SIZE_MB",
+                                     help="Memory for loaded prefixes (least recently used evicted).",
+                                     check=(_positive, "prompt_cache_size_mb ({value}) must be at least 1"))
     # output
     output_special_tokens: bool = _opt(False, "--output-special-tokens", env="OUTPUT_SPECIAL_TOKENS",
                                        help="Keep special tokens (except a final EOS) in output text.")

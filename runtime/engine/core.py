@@ -277,9 +277,10 @@ class EngineCore:
         return outputs
 
     def _input_details(self, seq: Sequence, prompt_logits: torch.Tensor | None) -> list[TokenDetail]:
+        ids = seq.prefixed_prompt(self.start_id is not None)
         if self.start_id is not None:
-            return encoder_input_token_details(seq.prompt, seq.params)
-        return input_token_details(prompt_logits[: len(seq.prompt)], seq.prompt, seq.params)
+            return encoder_input_token_details(ids, seq.params)
+        return input_token_details(prompt_logits[: len(ids)], ids, seq.params)
 
     def _advance(self, seq: Sequence, token: int, detail: TokenDetail | None, now: float) -> RequestOutput:
         """Append one token and apply TGIS' stop-reason precedence (§1.11)."""

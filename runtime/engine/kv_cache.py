@@ -25,7 +25,7 @@ class KVCacheManager:
         if not seqs:
             return 0
         dec = max(len(s.decoder_tokens(self.start_id)) for s in seqs) + grow
-        enc = 0 if self.start_id is None else max(len(s.prompt) for s in seqs)
+        enc = 0 if self.start_id is None else max(len(s.prefixed_prompt(True)) for s in seqs)
         return len(seqs) * (dec + enc)
 
     def fits(self, seqs: Seq[Sequence], grow: int = 1) -> bool:

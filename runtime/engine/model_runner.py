@@ -29,6 +29,9 @@ class PrefillItem:
     tokens: list[int]
     encoder_ids: list[int] | None = None
     prompt_logits: bool = False  # return logits for every position (input-token details)
+    # prompt-tuning embeddings [n, d] for the first n positions of `tokens` / `encoder_ids` (placeholders there)
+    decoder_prefix: torch.Tensor | None = None
+    encoder_prefix: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,6 +74,20 @@ def _pad_rows(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def _ids_or_embeds(model, ids: torch.Tensor, lengths: list[int],
+                   prefixes: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """`{"input_ids": ids}`, or `{"inputs_embeds": ...}` with each row's prompt-tuning prefix written over its
+    first (placeholder) positions when any row has one."""
+    if all(p is None for p in prefixes):
+        return {"input_ids": ids}
+    embeds = model.get_input_embeddings()(ids)
+    for row, (length, prefix) in enumerate(zip(lengths, prefixes, strict=True)):
+        if prefix is not None:
+            start = ids.shape[1] - length  # rows are left-padded
+            embeds[row, start:start + prefix.shape[0]] = prefix.to(embeds)
+    return {"inputs_embeds": embeds}
 
 
 def layer_groups(cache) -> tuple[list, list]:
@@ -126,12 +143,17 @@ class ModelRunner:
         kwargs: dict = {"use_cache": True}
         if self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 0 if want_all else 1
+        decoder = _ids_or_embeds(self.model, ids, [len(it.tokens) for it in items],
+                                 [it.decoder_prefix for it in items])
         if self.loaded.is_encoder_decoder:
             enc_ids, enc_mask = _pad_rows([it.encoder_ids or [] for it in items], self.pad, self.device)
-            enc_hidden = self.model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+            encoder = _ids_or_embeds(self.model, enc_ids, [len(it.encoder_ids or []) for it in items],
+                                     [it.encoder_prefix for it in items])
+            enc_hidden = self.model.get_encoder()(**encoder, attention_mask=enc_mask).last_hidden_state
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_hidden), attention_mask=enc_mask,
-                             decoder_input_ids=ids, decoder_attention_mask=mask, **{self._cache_kw: cache}, **kwargs)
+                             **{f"decoder_{k}": v for k, v in decoder.items()}, decoder_attention_mask=mask,
+                             **{self._cache_kw: cache}, **kwargs)
             positions = mask.sum(-1)
         else:
             enc_hidden = enc_mask = None
@@ -139,7 +161,7 @@ class ModelRunner:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             if self._has_position_ids:
                 kwargs["position_ids"] = pos
-            out = self.model(input_ids=ids, attention_mask=mask, **{self._cache_kw: cache}, **kwargs)
+            out = self.model(**decoder, attention_mask=mask, **{self._cache_kw: cache}, **kwargs)
             positions = pos[:, -1] + 1
         logits = out.logits
         prompt = [logits[i, ids.shape[1] - len(it.tokens):] if it.prompt_logits else None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from runtime.models.prefixes import PromptPrefix
+
 
 class StopReason(enum.IntEnum):
     """Same numbering as `fmaas.StopReason`."""
@@ -63,6 +65,7 @@ class EngineRequest:
     request_id: str
     input_ids: list[int]
     params: GenerationParams
+    prefix: PromptPrefix | None = None  # prompt-tuning virtual tokens (prefix_id), looked up by the front end
 
 
 @dataclass

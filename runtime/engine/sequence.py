@@ -47,17 +47,31 @@ class Sequence:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.generated)
 
+    def _with_prefix(self, ids: list[int], part: str) -> list[int]:
+        """`ids` after the prefix's virtual positions of `part` ("decoder"/"encoder"), shown as a placeholder id."""
+        prefix = self.request.prefix
+        length = 0 if prefix is None else getattr(prefix, f"{part}_length")
+        return [prefix.placeholder_id] * length + ids if length else ids
+
     def decoder_tokens(self, start_id: int | None) -> list[int]:
-        """Decoder ids the cache must hold: prompt + generated (decoder-only) or start + generated (seq2seq).
-        Including already generated ids is what makes a preempted request resume by recomputation."""
-        head = self.prompt if start_id is None else [start_id]
-        return head + self.generated
+        """Decoder ids the cache must hold: [prefix] + prompt + generated (decoder-only) or [prefix] + start +
+        generated (seq2seq). Including already generated ids is what makes a preempted request resume by
+        recomputation."""
+        return self._with_prefix(self.prompt if start_id is None else [start_id], "decoder") + self.generated
+
+    def prefixed_prompt(self, encoder_decoder: bool) -> list[int]:
+        """[prefix] + prompt: the encoder input (encoder-decoder) or the decoder-only prompt; the positions that
+        input-token details cover."""
+        return self._with_prefix(self.prompt, "encoder" if encoder_decoder else "decoder")
 
     def prefill_item(self, start_id: int | None) -> PrefillItem:
+        prefix = self.request.prefix
         return PrefillItem(
             tokens=self.decoder_tokens(start_id),
-            encoder_ids=None if start_id is None else self.prompt,
+            encoder_ids=None if start_id is None else self.prefixed_prompt(True),
             prompt_logits=self.params.input_tokens and not self.input_details_sent and start_id is None,
+            decoder_prefix=None if prefix is None else prefix.decoder,
+            encoder_prefix=None if prefix is None else prefix.encoder,
         )
 
     def deadline_passed(self, now: float) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -18,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
-from runtime.config import ServerConfig
+from runtime.config import ConfigError, ServerConfig
 from runtime.engine.config import EngineConfig
 from runtime.hub import resolve_model_or_default
+from runtime.models.prefixes import PrefixStore
 from runtime.server.grpc_service import GenerationServicer
 from runtime.server.http import HealthMetricsServer
 from runtime.server.metrics import Metrics
@@ -104,6 +106,27 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
         tensor_parallel_size=config.world_size)
 
 
+def prefix_store(config: ServerConfig, engine) -> PrefixStore | None:
+    """The prompt-prefix store when PREFIX_STORE_PATH is set (spec §5.4); limits are checked here, at start."""
+    if not config.prefix_store_path:
+        return None
+    s = engine.max_sequence_length
+    max_length = config.max_prompt_prefix_length or math.ceil(s / 2)
+    if max_length > s - 1:
+        raise ConfigError(f"Value for the MAX_PROMPT_PREFIX_LENGTH ({max_length}) cannot be larger than the max "
+                          f"sequence length - 1 ({s - 1})")
+    lm = engine.core.loaded
+    try:
+        embedding_dim = lm.model.get_input_embeddings().weight.shape[1]
+    except (NotImplementedError, AttributeError):
+        log.warning("Could not find input embedding layer for model - prompt prefixes disabled")
+        return None
+    log.info("Prompt prefixes from %s (at most %d virtual tokens, %d MB cache)", config.prefix_store_path,
+             max_length, config.prompt_cache_size_mb)
+    return PrefixStore(config.prefix_store_path, embedding_dim, lm.dtype, lm.is_encoder_decoder, max_length,
+                       config.prompt_cache_size_mb << 20, lm.pad_token_id)
+
+
 def run(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT; the process exit code."""
     configure_logging(config.json_output)
@@ -147,7 +170,8 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     engine.add_step_listener(metrics.on_step)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
-        engine, metrics, max_new_tokens, config.max_concurrent_requests, config.default_include_stop_seqs), server)
+        engine, metrics, max_new_tokens, config.max_concurrent_requests, config.default_include_stop_seqs,
+        prefix_store(config, engine)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

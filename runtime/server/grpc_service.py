@@ -23,6 +23,7 @@ from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.engine.inputs import prepare_input
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
+from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
 from runtime.server.metrics import Metrics
 from runtime.server.validation import ValidationError, check_length, convert_params, validate_params, with_seed
 from runtime.tokenization import tokenize
@@ -50,8 +51,9 @@ def _reason_name(reason: StopReason) -> str:
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, engine, metrics: Metrics, max_new_tokens: int, max_concurrent_requests: int,
-                 default_include_stop_seqs: bool):
+                 default_include_stop_seqs: bool, prefix_store: PrefixStore | None = None):
         self.engine = engine
+        self.prefix_store = prefix_store
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self.max_sequence_length: int = engine.max_sequence_length
@@ -176,10 +178,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gp.stream = stream
             guided = request.params.decoding.WhichOneof("guided") if has_params else None
             validate_params(gp, self.max_new_tokens, guided)
-            prefix = request.adapter_id or request.prefix_id
-            if prefix:
-                raise ValidationError(f"can't retrieve prompt prefix with id '{prefix}': prefix id \"{prefix}\" "
-                                      "not found")
+            prefix = await self._prefix(request.adapter_id or request.prefix_id)
+            prefix_length = 0 if prefix is None else prefix.length
             checked = []
             for text in texts:
                 try:
@@ -187,7 +187,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 except Exception as exc:
                     raise ValidationError(f"tokenizer error {exc}") from exc
                 self.metrics.observe("tgi_request_raw_input_length", prepared.raw_length)
-                checked.append((text, prepared, check_length(gp, prepared.input_length, self.max_sequence_length)))
+                checked.append((text, prepared, check_length(gp, prepared.input_length, self.max_sequence_length,
+                                                             prefix_length)))
         except ValidationError as exc:
             self.metrics.inc("tgi_request_failure", err="validation")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -198,8 +199,30 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.metrics.observe("tgi_request_max_new_tokens", gp.max_new_tokens)
             request_id = f"req-{next(self._ids)}"
             inputs.append(_Input(text, prepared.input_length,
-                                 EngineRequest(request_id, prepared.input_ids, with_seed(params, self._rng))))
+                                 EngineRequest(request_id, prepared.input_ids, with_seed(params, self._rng), prefix)))
         return inputs
+
+    async def _prefix(self, prefix_id: str) -> PromptPrefix | None:
+        """Check #12: load (or find cached) the prompt prefix; every failure is the client's INVALID_ARGUMENT."""
+        if not prefix_id:
+            return None
+        start = time.monotonic()
+        try:
+            if self.prefix_store is None:
+                raise PrefixNotFound(prefix_id)
+            prefix, loaded = await asyncio.to_thread(self.prefix_store.get, prefix_id)
+        except PrefixNotFound as exc:
+            self.metrics.inc("tgi_prompt_load_failure")
+            raise ValidationError(f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" "
+                                  "not found") from exc
+        except Exception as exc:  # noqa: BLE001 - bad files, bad tensors: TGIS reports the shard's exception text
+            self.metrics.inc("tgi_prompt_load_failure")
+            kind = "Exception" if isinstance(exc, PrefixError) else type(exc).__name__
+            raise ValidationError(f"can't retrieve prompt prefix with id '{prefix_id}': Unexpected "
+                                  f"<class '{kind}'>: {exc}") from exc
+        if loaded:
+            self.metrics.observe("tgi_prompt_load_duration", time.monotonic() - start)
+        return prefix
 
     # ---- running and responses -------------------------------------------------------------------------------
     async def _unary(self, inp: _Input, params: pb.Parameters, kind: str, index: int, count: int, start: float,

@@ -98,16 +98,19 @@ def validate_params(gp: GenerationParams, server_max_new_tokens: int, guided: st
         raise ValidationError(f"guided decoding ({guided}) is not supported by this server")
 
 
-def check_length(gp: GenerationParams, input_length: int, max_sequence_length: int) -> GenerationParams:
-    """Checks #14/#15 for one input (prefix length is always 0 here), then TGIS' silent clamp: an output that would
-    not fit gets max_new_tokens = S - input, and reaching it reports TOKEN_LIMIT."""
-    if input_length >= max_sequence_length:
-        raise ValidationError(f"input tokens ({input_length}) plus prefix length (0) must be < {max_sequence_length}")
-    if input_length + gp.min_new_tokens > max_sequence_length:
-        raise ValidationError(f"input tokens ({input_length}) plus prefix length (0) plus min_new_tokens "
-                              f"({gp.min_new_tokens}) must be <= {max_sequence_length}")
-    if input_length + gp.max_new_tokens > max_sequence_length:
-        return dataclasses.replace(gp, max_new_tokens=max_sequence_length - input_length, max_is_token_limit=True)
+def check_length(gp: GenerationParams, input_length: int, max_sequence_length: int,
+                 prefix_length: int = 0) -> GenerationParams:
+    """Checks #14/#15 for one input, then TGIS' silent clamp: an output that would not fit gets
+    max_new_tokens = S - (input + prefix), and reaching it reports TOKEN_LIMIT."""
+    used = input_length + prefix_length
+    if used >= max_sequence_length:
+        raise ValidationError(f"input tokens ({input_length}) plus prefix length ({prefix_length}) must be < "
+                              f"{max_sequence_length}")
+    if used + gp.min_new_tokens > max_sequence_length:
+        raise ValidationError(f"input tokens ({input_length}) plus prefix length ({prefix_length}) plus "
+                              f"min_new_tokens ({gp.min_new_tokens}) must be <= {max_sequence_length}")
+    if used + gp.max_new_tokens > max_sequence_length:
+        return dataclasses.replace(gp, max_new_tokens=max_sequence_length - used, max_is_token_limit=True)
     return gp
 
 
