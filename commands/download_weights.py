@@ -75,7 +75,21 @@ def download_weights(
     except (HubError, ConversionError, ValueError) as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(code=1) from exc
+    if auto_convert:
+        _fast_tokenizer(model, snap)
     print(f"{model} is in {snap}")
+
+
+def _fast_tokenizer(model: str, snap) -> None:
+    """TGIS' last download step; a repo without any usable tokenizer files still downloads (with a warning)."""
+    from runtime.tokenization import ensure_fast_tokenizer
+
+    try:
+        wrote = ensure_fast_tokenizer(snap)
+    except Exception as exc:  # noqa: BLE001 - e.g. weights-only repos: the download itself succeeded
+        err_console.print(f"[yellow]no fast tokenizer written: {type(exc).__name__}: {exc}[/yellow]")
+        return
+    print(f"wrote fast tokenizer {snap / 'tokenizer.json'}" if wrote else f"Model {model} already has a fast tokenizer")
 
 
 def _download(model, exts, revision, token, download):

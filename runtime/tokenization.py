@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -30,3 +33,19 @@ def tokenize(tokenizer, text: str, truncate_input_tokens: int = 0) -> Tokenized:
     if 0 < truncate_input_tokens < len(ids):
         tokens, offsets = tokens[-truncate_input_tokens:], offsets[-truncate_input_tokens:]
     return Tokenized(len(tokens), tokens, offsets)
+
+
+def ensure_fast_tokenizer(model_dir: Path) -> bool:
+    """TGIS' convert-to-fast-tokenizer step: write `tokenizer.json` beside the config when a model ships only slow
+    tokenizer files (vocab/merges, SentencePiece), so serving never converts at start. False when it exists."""
+    if (model_dir / "tokenizer.json").exists():
+        return False
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if not tok.is_fast:
+        raise ValueError(f"no fast tokenizer can be built for {model_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        shutil.copy(Path(tmp) / "tokenizer.json", model_dir / "tokenizer.json")
+    return True

@@ -207,3 +207,29 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "other"))
     with pytest.raises(ValueError, match="env vars can't be set to different values"):
         hub_cache_dir()
+
+
+def test_slow_tokenizer_repo_gets_a_fast_tokenizer(hub, tiny_model):
+    """TGIS' download step 4: a repo with only vocab.json + merges.txt ends up with a tokenizer.json that encodes
+    exactly like the original."""
+    from transformers import AutoTokenizer
+
+    src = tiny_model("gpt2")
+    model_json = json.loads((src / "tokenizer.json").read_text())["model"]
+    merges = "\n".join(m if isinstance(m, str) else " ".join(m) for m in model_json["merges"])
+    files = {"model.safetensors": (src / "model.safetensors").read_bytes(),
+             "config.json": (src / "config.json").read_bytes(),
+             "vocab.json": json.dumps(model_json["vocab"]).encode(),
+             "merges.txt": f"#version: 0.2\n{merges}\n".encode(),
+             "tokenizer_config.json": json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+                                                  "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}).encode()}
+    hub.add_repo("org/slow-tok", files)
+    result = _cli(["download-weights", "org/slow-tok", "--extension", ".safetensors,.json,.txt"], hub.env)
+    assert result.returncode == 0, result.stderr
+    snap = next((hub.cache / "models--org--slow-tok" / "snapshots").iterdir())
+    assert f"wrote fast tokenizer {snap / 'tokenizer.json'}" in " ".join(result.stdout.split())
+    text = "def f(x):\n    return x  # café"
+    fast = AutoTokenizer.from_pretrained(snap)
+    assert fast(text)["input_ids"] == AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    again = _cli(["download-weights", "org/slow-tok", "--extension", ".safetensors,.json,.txt"], hub.env)
+    assert "Model org/slow-tok already has a fast tokenizer" in again.stdout
