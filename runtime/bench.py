@@ -126,7 +126,10 @@ def bench_grpc(address: str, tokenizer, workload: Workload) -> Report:
             stub = pb_grpc.GenerationServiceStub(channel)
 
             async def one(i: int, ids: list[int], n: int, timing: RequestTiming) -> None:
-                params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n))
+                # token details on every message: TGIS suppresses messages whose text is held back (incomplete
+                # UTF-8, grapheme hold-back), which would make token timing depend on the text
+                params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+                                       response=pb.ResponseOptions(generated_tokens=True))
                 req = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=texts[i]), params=params)
                 async for msg in stub.GenerateStream(req):
                     if msg.generated_token_count and timing.tokens == 0:
