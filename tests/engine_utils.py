@@ -59,7 +59,7 @@ def run(engine: AsyncEngine, reqs: list[EngineRequest], join_after_steps: list[i
     try:
         return asyncio.run(asyncio.wait_for(main(), timeout=240))
     finally:
-        engine.core.listeners.pop()
+        engine.listeners.pop()
 
 
 def hf_greedy(engine: AsyncEngine, input_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:

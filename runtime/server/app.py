@@ -115,16 +115,14 @@ def prefix_store(config: ServerConfig, engine) -> PrefixStore | None:
     if max_length > s - 1:
         raise ConfigError(f"Value for the MAX_PROMPT_PREFIX_LENGTH ({max_length}) cannot be larger than the max "
                           f"sequence length - 1 ({s - 1})")
-    lm = engine.core.loaded
-    try:
-        embedding_dim = lm.model.get_input_embeddings().weight.shape[1]
-    except (NotImplementedError, AttributeError):
+    facts = engine.facts
+    if facts.embedding_dim is None:
         log.warning("Could not find input embedding layer for model - prompt prefixes disabled")
         return None
     log.info("Prompt prefixes from %s (at most %d virtual tokens, %d MB cache)", config.prefix_store_path,
              max_length, config.prompt_cache_size_mb)
-    return PrefixStore(config.prefix_store_path, embedding_dim, lm.dtype, lm.is_encoder_decoder, max_length,
-                       config.prompt_cache_size_mb << 20, lm.pad_token_id)
+    return PrefixStore(config.prefix_store_path, facts.embedding_dim, facts.dtype, facts.is_encoder_decoder,
+                       max_length, config.prompt_cache_size_mb << 20, facts.pad_token_id)
 
 
 def run(config: ServerConfig) -> int:
