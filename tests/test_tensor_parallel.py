@@ -181,15 +181,20 @@ def test_serve_two_ranks_smollm2_then_a_dead_rank_stops_the_server(smollm2_dir, 
         assert "fatal: Shard 1 exited" in server.logs()
 
 
-def _shard_pid(parent: int) -> int:
-    """The pid of rank 1: the server's spawned child that is not multiprocessing's resource tracker."""
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _shard_pid(server: int) -> int:
+    """The pid of rank 1: a spawned descendant of the server (its engine process, the engine's rank processes)
+    that started no process itself and is not multiprocessing's resource tracker."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        tasks = Path(f"/proc/{parent}/task").iterdir()
-        for child in [c for task in tasks for c in (task / "children").read_text().split()]:
-            cmdline = open(f"/proc/{child}/cmdline", "rb").read().replace(b"\0", b" ")
-            if b"multiprocessing.spawn" in cmdline:
-                return int(child)
+        engines = [c for c in _children(server) if b"multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        ranks = [r for e in engines for r in _children(e)
+                 if b"multiprocessing.spawn" in Path(f"/proc/{r}/cmdline").read_bytes()]
+        if ranks:
+            return ranks[0]
         time.sleep(0.1)
     raise AssertionError("no shard process found")
 

@@ -20,7 +20,7 @@ import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.core import EngineCore, StepStats
-from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput
+from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput, StopReason
 from runtime.models.loader import LoadedModel
 
 __all__ = ["AsyncEngine", "EngineFront", "ModelFacts", "StepStats"]
@@ -94,6 +94,12 @@ class EngineFront:
                     by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_deliver, items)
+
+    def _fail_streams(self, error: str, request_ids: list[str] | None = None) -> None:
+        """End open streams (all, or these) with an error: the engine that would answer them is gone."""
+        with self._lock:
+            ids = list(self._streams) if request_ids is None else request_ids
+        self._dispatch([RequestOutput(i, finished=True, stop_reason=StopReason.ERROR, error=error) for i in ids])
 
     def _on_step(self, stats: StepStats, healthy: bool) -> None:
         self._healthy = healthy

@@ -20,3 +20,4 @@ class EngineConfig:
     output_special_tokens: bool = False
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1  # ranks (processes) the model is split across
+    cuda_memory_fraction: float = 1.0  # per-process cap (TGIS CUDA_PROCESS_MEMORY_FRACTION), set where the model runs

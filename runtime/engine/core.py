@@ -61,12 +61,14 @@ class StepStats:
 
 
 @dataclass
-class _Abort:
+class Abort:
+    """Inbox message: stop a request now (queued or running)."""
+
     request_id: str
 
 
-class _Shutdown:
-    pass
+class Shutdown:
+    """Inbox message: leave the loop (after the messages before it)."""
 
 
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
@@ -109,10 +111,10 @@ class EngineCore:
         self.inbox.put(request)
 
     def abort(self, request_id: str) -> None:
-        self.inbox.put(_Abort(request_id))
+        self.inbox.put(Abort(request_id))
 
     def shutdown(self) -> None:
-        self.inbox.put(_Shutdown())
+        self.inbox.put(Shutdown())
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def _kv_capacity(self) -> int:
@@ -156,9 +158,9 @@ class EngineCore:
             except queue.Empty:
                 return True
             block = False
-            if isinstance(msg, _Shutdown):
+            if isinstance(msg, Shutdown):
                 return False
-            if isinstance(msg, _Abort):
+            if isinstance(msg, Abort):
                 self._abort(msg.request_id)
             else:
                 self._admit(msg)

@@ -5,6 +5,7 @@ HTTP, then drain on SIGTERM/SIGINT and exit 0. A fatal start-up error goes to th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -103,7 +104,7 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
         max_waiting_tokens=config.max_waiting_tokens, max_prefill_tokens=config.max_prefill_tokens,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
         output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code,
-        tensor_parallel_size=config.world_size)
+        tensor_parallel_size=config.world_size, cuda_memory_fraction=config.cuda_process_memory_fraction)
 
 
 def prefix_store(config: ServerConfig, engine) -> PrefixStore | None:
@@ -146,16 +147,12 @@ async def _serve(config: ServerConfig) -> int:
     credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
     model_dir = resolve_model_or_default(config.model_name, config.revision)
     max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
-    if config.cuda_process_memory_fraction < 1.0:
-        import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.set_per_process_memory_fraction(config.cuda_process_memory_fraction)
-
-    from runtime.engine.async_engine import AsyncEngine
+    from runtime.engine.process import ProcessEngine
 
     started = time.monotonic()
-    engine = await asyncio.to_thread(AsyncEngine, engine_config(config, model_dir, max_sequence_length))
+    engine = await asyncio.to_thread(ProcessEngine, engine_config(config, model_dir, max_sequence_length),
+                                     functools.partial(configure_logging, config.json_output))
     log.info("Model %s loaded in %.1f s", model_dir, time.monotonic() - started)
     try:
         return await _run_servers(config, engine, credentials, max_new_tokens, stop)
