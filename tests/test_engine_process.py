@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from server_harness import running_server
+from server_harness import run_to_exit, running_server
 
 from proto import generation_pb2 as pb
 
@@ -51,3 +51,17 @@ def test_engine_process_death_stops_the_server(tiny_model, tmp_path):
         assert server.wait(timeout=60) == 1
         assert time.monotonic() - killed < 10
         assert "the engine process exited with code -9" in server.termination_log.read_text()
+
+
+def test_start_failure_in_the_server_process_stops_the_engine_process(tiny_model, tmp_path):
+    """No tokenizer files: the server process fails while the engine process loads; it must not be left behind
+    (a non-daemon child would also block the server's exit)."""
+    import shutil
+
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model("llama") / name, model / name)
+    code, output = run_to_exit(model, tmp_path / "run", timeout=120)
+    assert code == 1, output
+    assert (tmp_path / "run" / "termination-log").read_text()

@@ -100,14 +100,19 @@ class ProcessEngine(EngineFront):
         writer.close()  # the engine holds the only write end: its death closes the pipe
         self._reader = reader
         self._failure: str | None = None
-        tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        super().__init__(self._wait_ready(), tokenizer)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+            facts = self._wait_ready()
+        except BaseException:
+            self._proc.kill()  # a non-daemon child left running would block this process's exit
+            self._proc.join()
+            raise
+        super().__init__(facts, tokenizer)
         self._receiver = threading.Thread(target=self._receive, name="tgis-engine-receiver", daemon=True)
         self._receiver.start()
 
     def _wait_ready(self) -> ModelFacts:
         if not self._reader.poll(START_TIMEOUT_S):
-            self._proc.kill()
             raise EngineStartError(f"the engine did not load the model within {START_TIMEOUT_S:.0f} s")
         try:
             kind, payload = self._reader.recv()
