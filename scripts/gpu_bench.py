@@ -40,6 +40,11 @@ SHAPES = {  # Llama-family shapes (hidden, layers, heads, kv heads, intermediate
 }
 
 
+def workload(requests: int) -> Workload:
+    """The timing workload (shared with scripts/gpu_server_bench.py so the two are comparable)."""
+    return Workload(requests, (64, 512), (64, 256), 64, 0)
+
+
 def run_requests(engine: AsyncEngine, reqs: list[EngineRequest]) -> list[list[int]]:
     async def one(i: int, req: EngineRequest) -> list[int]:
         await asyncio.sleep(0.002 * i)  # staggered arrival: requests join a running batch
@@ -153,10 +158,9 @@ def main() -> None:
                                               max_batch_size=64, max_prefill_tokens=16384), loaded)
             try:
                 entry = {"decode_ms_per_token_bs1": decode_latency(engine)}
-                workload = Workload(args.requests, (64, 512), (64, 256), 64, 0)
                 steps: list = []
                 engine.add_step_listener(steps.append)
-                entry["throughput"] = bench_engine(engine, workload).to_dict()
+                entry["throughput"] = bench_engine(engine, workload(args.requests)).to_dict()
                 entry["steps"] = step_breakdown(steps, entry["throughput"]["duration_s"])
             finally:
                 engine.shutdown()

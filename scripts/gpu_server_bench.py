@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
-from gpu_bench import PROMPTS, random_model  # noqa: E402
+from gpu_bench import PROMPTS, random_model, workload  # noqa: E402
 
-from runtime.bench import Workload, bench_grpc  # noqa: E402
+from runtime.bench import bench_grpc  # noqa: E402
 
 
 def serve(model: Path, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -124,9 +124,8 @@ def main() -> None:
         try:
             from transformers import AutoTokenizer
 
-            workload = Workload(args.requests, (64, 512), (64, 256), 64, 0)
             results["llama-1b-grpc"] = bench_grpc("127.0.0.1:8033", AutoTokenizer.from_pretrained(path),
-                                                  workload).to_dict()
+                                                  workload(args.requests)).to_dict()
         finally:
             stop(proc)
         print(json.dumps(results["llama-1b-grpc"]), flush=True)
