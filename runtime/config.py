@@ -92,9 +92,11 @@ class ServerConfig:
                                        help="KV cache capacity in token slots (overrides the memory fraction).",
                                        check=(_positive, "kv_cache_tokens ({value}) must be at least 1"))
     # prompt-tuning prefixes (prefix_id)
-    prefix_store_path: str | None = _opt(None, "--prefix-store-path", env="PREFIX_STORE_PATH",
-                                         help="Directory of prompt prefixes: <id>/decoder.pt, encoder.pt or a PEFT "
-                                              "adapter_model (enables prefix_id).")
+    prefix_store_path: str | None = _opt(None, "--prefix-store-path", "--adapter-cache",
+                                         env=("PREFIX_STORE_PATH", "ADAPTER_CACHE"),
+                                         help="Directory of adapters, one per id: prompt prefixes (decoder.pt, "
+                                              "encoder.pt, PEFT prompt tuning) and PEFT LoRA adapters (enables "
+                                              "prefix_id / adapter_id).")
     max_prompt_prefix_length: int | None = _opt(
         None, "--max-prompt-prefix-length", env="MAX_PROMPT_PREFIX_LENGTH",
         help="Most virtual tokens in a prefix (default: half of max_sequence_length, rounded up).",

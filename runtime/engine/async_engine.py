@@ -36,6 +36,7 @@ class ModelFacts:
     pad_token_id: int
     embedding_dim: int | None  # None when the model exposes no input-embedding layer
     dtype: torch.dtype
+    tensor_parallel_size: int
 
     @staticmethod
     def of(core: EngineCore) -> ModelFacts:
@@ -45,7 +46,7 @@ class ModelFacts:
         except (NotImplementedError, AttributeError):
             dim = None
         return ModelFacts(core.max_sequence_length, lm.is_encoder_decoder, lm.eos_token_id, lm.pad_token_id, dim,
-                          lm.dtype)
+                          lm.dtype, core.config.tensor_parallel_size)
 
 
 class EngineFront:

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from runtime.engine.lora import LoraManager, LoraRef
 from runtime.models.loader import LoadedModel
 
 
@@ -32,6 +33,7 @@ class PrefillItem:
     # prompt-tuning embeddings [n, d] for the first n positions of `tokens` / `encoder_ids` (placeholders there)
     decoder_prefix: torch.Tensor | None = None
     encoder_prefix: torch.Tensor | None = None
+    lora: LoraRef | None = None
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Batch:
     positions: torch.Tensor  # [B] position id of the next decoder token
     enc_hidden: torch.Tensor | None = None  # [B, S, d] encoder output (encoder-decoder only)
     enc_mask: torch.Tensor | None = None  # [B, S]
+    loras: list[LoraRef | None] | None = None  # per row; None when no row uses an adapter
 
     @property
     def size(self) -> int:
@@ -128,6 +131,7 @@ class ModelRunner:
         self._has_position_ids = "position_ids" in params
         # transformers >= 5.2x renamed `past_key_values` to `cache`; older 5.x only knows the former
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.lora: LoraManager | None = None  # created with the first adapter request
         if self.device.type == "cuda":
             # Padded decode steps pass an attention mask and grow the key length by one every step; PyTorch then
             # picks cuDNN attention on Hopper, which builds a new execution plan per shape (measured: 4 ms per layer
@@ -139,6 +143,8 @@ class ModelRunner:
         """Forward a new group. Returns its batch, last-position logits [n, V], and per-row prompt logits
         ([len(tokens), V], position i predicting token i+1) for rows that asked for them."""
         ids, mask = _pad_rows([it.tokens for it in items], self.pad, self.device)
+        loras = [it.lora for it in items]
+        self._activate(loras)
         want_all = any(it.prompt_logits for it in items)
         kwargs: dict = {"use_cache": True}
         if self._has_logits_to_keep:
@@ -166,14 +172,22 @@ class ModelRunner:
         logits = out.logits
         prompt = [logits[i, ids.shape[1] - len(it.tokens):] if it.prompt_logits else None
                   for i, it in enumerate(items)]
-        batch = Batch(cache, mask, positions, enc_hidden, enc_mask)
+        batch = Batch(cache, mask, positions, enc_hidden, enc_mask, loras if any(loras) else None)
         return batch, logits[:, -1, :], prompt
+
+    def _activate(self, loras: list[LoraRef | None] | None) -> None:
+        """Tell the LoRA hooks which rows of the coming forward use which adapter."""
+        if any(loras or ()) and self.lora is None:
+            self.lora = LoraManager(self.model, self.device, self.loaded.dtype)
+        if self.lora is not None:
+            self.lora.activate(loras or [])
 
     @torch.inference_mode()
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step for every row of `batch` (tokens: [B] the last sampled ids); returns logits [B, V]."""
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
         ids = tokens.to(self.device).view(-1, 1)
+        self._activate(batch.loras)
         if self.loaded.is_encoder_decoder:
             out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=batch.enc_hidden),
                              attention_mask=batch.enc_mask, decoder_input_ids=ids, decoder_attention_mask=batch.mask,
@@ -194,6 +208,8 @@ class ModelRunner:
         a_self, a_cross = layer_groups(a.cache)
         b_self, b_cross = layer_groups(b.cache)
         _merge_layers(a_self, b_self, length)
+        if a.loras is not None or b.loras is not None:
+            a.loras = (a.loras or [None] * a.size) + (b.loras or [None] * b.size)
         a.mask = torch.cat([_pad_left(a.mask, length, 1), _pad_left(b.mask, length, 1)])
         a.positions = torch.cat([a.positions, b.positions])
         if a.enc_mask is not None:
@@ -220,6 +236,8 @@ class ModelRunner:
         _select_layers(self_layers, idx, start)
         batch.mask = mask[:, start:]
         batch.positions = batch.positions[idx]
+        if batch.loras is not None:
+            batch.loras = [batch.loras[r] for r in rows]
         if batch.enc_mask is not None:
             enc_mask = batch.enc_mask[idx]
             enc_start = _first_used_column(enc_mask)

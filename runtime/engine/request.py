@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from runtime.engine.lora import LoraRef
 from runtime.models.prefixes import PromptPrefix
 
 
@@ -66,6 +67,7 @@ class EngineRequest:
     input_ids: list[int]
     params: GenerationParams
     prefix: PromptPrefix | None = None  # prompt-tuning virtual tokens (prefix_id), looked up by the front end
+    lora: LoraRef | None = None  # LoRA adapter (adapter_id), loaded by the engine
 
 
 @dataclass

@@ -72,6 +72,7 @@ class Sequence:
             prompt_logits=self.params.input_tokens and not self.input_details_sent and start_id is None,
             decoder_prefix=None if prefix is None else prefix.decoder,
             encoder_prefix=None if prefix is None else prefix.encoder,
+            lora=self.request.lora,
         )
 
     def deadline_passed(self, now: float) -> bool:

@@ -84,12 +84,17 @@ class PrefixStore:
                 self._used += size
         return prefix, True
 
-    def _load(self, prefix_id: str) -> PromptPrefix:
+    def folder(self, prefix_id: str) -> Path:
+        """The id's directory in the store; PrefixError for ids that are malformed or leave the store."""
         if not ID_PATTERN.fullmatch(prefix_id):
             raise PrefixError(f"Invalid prefix id {prefix_id}, must contain only alphanumeric, _ and - and /")
         folder = (self.root / prefix_id).resolve()
         if not folder.is_relative_to(self.root):
             raise PrefixError(f"Invalid prefix id {prefix_id}")
+        return folder
+
+    def _load(self, prefix_id: str) -> PromptPrefix:
+        folder = self.folder(prefix_id)
         if folder.is_dir() and any(p.stem == "adapter_model" for p in folder.iterdir()):
             decoder, encoder = self._load_peft(folder, prefix_id), None
         else:

@@ -172,6 +172,8 @@ class ShardedRunner:
             raise
 
     def prefill(self, items: list[PrefillItem]) -> tuple[Batch, torch.Tensor, list[torch.Tensor | None]]:
+        if any(it.lora for it in items):  # the front end refuses these; never let one reach the ranks
+            raise ValueError("LoRA adapters are not supported with tensor parallelism yet")
         handle = next(self._next)
         self._send("prefill", handle, items)
         result = self._guard(self.local.prefill, items)

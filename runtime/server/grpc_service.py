@@ -22,6 +22,7 @@ import grpc
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.engine.inputs import prepare_input
+from runtime.engine.lora import LoraRef, read_lora_config
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
 from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
 from runtime.server.metrics import Metrics
@@ -178,7 +179,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gp.stream = stream
             guided = request.params.decoding.WhichOneof("guided") if has_params else None
             validate_params(gp, self.max_new_tokens, guided)
-            prefix = await self._prefix(request.adapter_id or request.prefix_id)
+            adapter_id = request.adapter_id or request.prefix_id
+            lora = self._lora(adapter_id)
+            prefix = None if lora else await self._prefix(adapter_id)
             prefix_length = 0 if prefix is None else prefix.length
             checked = []
             for text in texts:
@@ -199,8 +202,36 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.metrics.observe("tgi_request_max_new_tokens", gp.max_new_tokens)
             request_id = f"req-{next(self._ids)}"
             inputs.append(_Input(text, prepared.input_length,
-                                 EngineRequest(request_id, prepared.input_ids, with_seed(params, self._rng), prefix)))
+                                 EngineRequest(request_id, prepared.input_ids, with_seed(params, self._rng), prefix,
+                                               lora)))
         return inputs
+
+    def _lora(self, adapter_id: str) -> LoraRef | None:
+        """A PEFT LoRA adapter directory in the store (checked here, loaded by the engine); None for anything else,
+        which the prompt-prefix lookup then handles."""
+        if not adapter_id or self.prefix_store is None:
+            return None
+        try:
+            folder = self.prefix_store.folder(adapter_id)
+        except PrefixError:
+            return None  # the prefix lookup reports it with TGIS' wording
+        config_path = folder / "adapter_config.json"
+        if not config_path.is_file():
+            return None
+        kind = json.loads(config_path.read_text()).get("peft_type")
+        if kind == "PROMPT_TUNING":
+            return None
+        if kind != "LORA":
+            raise ValidationError(f"adapter type {kind} is not currently supported")
+        if self.engine.facts.tensor_parallel_size > 1:
+            raise ValidationError("LoRA adapters are not supported with tensor parallelism yet")
+        try:
+            read_lora_config(folder)
+        except ValueError as exc:
+            raise ValidationError(f"can't load adapter '{adapter_id}': {exc}") from exc
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise ValidationError(f"can't load adapter '{adapter_id}': adapter_model.safetensors not found")
+        return LoraRef(adapter_id, str(folder))
 
     async def _prefix(self, prefix_id: str) -> PromptPrefix | None:
         """Check #12: load (or find cached) the prompt prefix; every failure is the client's INVALID_ARGUMENT."""
