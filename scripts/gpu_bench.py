@@ -141,13 +141,18 @@ def step_breakdown(steps: list, wall_s: float) -> dict:
     return out
 
 
+def script_args(default_out: str, parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, dict]:
+    """Options both GPU scripts take, and the results header (which device, which torch)."""
+    ap = parser or argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(default_out))
+    ap.add_argument("--requests", type=int, default=128)
+    return ap.parse_args(), {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("gpu_bench.json"))
     ap.add_argument("--shapes", default="llama-1b,llama-8b")
-    ap.add_argument("--requests", type=int, default=128)
-    args = ap.parse_args()
-    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    args, results = script_args("gpu_bench.json", ap)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results["correctness"] = correctness(work)

@@ -12,7 +12,6 @@ Run on a CUDA machine from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
-from gpu_bench import PROMPTS, random_model, workload  # noqa: E402
+from gpu_bench import PROMPTS, random_model, script_args, workload  # noqa: E402
 
 from runtime.bench import bench_grpc  # noqa: E402
 
@@ -106,11 +105,7 @@ def correctness(work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("server_bench.json"))
-    ap.add_argument("--requests", type=int, default=128)
-    args = ap.parse_args()
-    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    args, results = script_args("server_bench.json")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results["correctness"] = correctness(work)
