@@ -4,8 +4,8 @@ Run on a CUDA machine from the repository root:
     python scripts/gpu_server_bench.py --out server_bench.json
 
 1. Correctness: a small random Llama served in float32 on CUDA; greedy text from Generate for 8 prompts must equal
-   transformers' `generate` on the CPU in float32 (the reference), and a prompt-tuning prefix (`prefix_id`) must give
-   the same tokens as transformers fed the same embeddings.
+   transformers' `generate` on the CPU in float32 (the reference); a prompt-tuning prefix must give the same tokens as
+   transformers fed the same embeddings, and a LoRA adapter (`adapter_id`) the same as a copy with it merged in.
 2. Timing: a Llama-1B-shape random model served in bfloat16; `runtime.bench.bench_grpc` with the workload of
    `scripts/gpu_bench.py` (in-process numbers there), so the two show what the gRPC front end costs.
 """
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 from gpu_bench import PROMPTS, random_model, script_args, workload  # noqa: E402
+from lora_utils import merged_copy, write_lora  # noqa: E402
 
 from runtime.bench import bench_grpc  # noqa: E402
 
@@ -74,12 +75,15 @@ def correctness(work: Path) -> dict:
     prefix = torch.randn(5, 256) * 0.5
     (work / "prefixes" / "tuned").mkdir(parents=True)
     torch.save(prefix, work / "prefixes" / "tuned" / "decoder.pt")
-    expected, expected_prefixed = [], []
+    lora = merged_copy(model, write_lora(work / "prefixes" / "lora", model, ["q_proj", "v_proj", "down_proj"], 1))
+    expected, expected_prefixed, expected_lora = [], [], []
     with torch.inference_mode():
         for text in PROMPTS:
             ids = tok(text, return_tensors="pt").input_ids
             out = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
             expected.append(out[0, ids.shape[1]:].tolist())
+            out = lora.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+            expected_lora.append(out[0, ids.shape[1]:].tolist())
             embeds = torch.cat([prefix[None], model.get_input_embeddings()(ids)], dim=1)
             out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                  max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -89,19 +93,19 @@ def correctness(work: Path) -> dict:
         stub = pb_grpc.GenerationServiceStub(grpc.insecure_channel("127.0.0.1:8033"))
         params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=32),
                                response=pb.ResponseOptions(generated_tokens=True))
-        got, got_prefixed = ([[t.text for t in r.tokens] for r in stub.Generate(pb.BatchedGenerationRequest(
-            requests=[pb.GenerationRequest(text=t) for t in PROMPTS], params=params, prefix_id=p)).responses]
-            for p in ("", "tuned"))
+        got, got_prefixed, got_lora = ([[t.text for t in r.tokens] for r in stub.Generate(
+            pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=t) for t in PROMPTS], params=params,
+                                        adapter_id=p)).responses] for p in ("", "tuned", "lora"))
     finally:
         stop(proc)
 
     def as_text(rows):
         return [tok.convert_ids_to_tokens(r) for r in rows]
 
-    same = sum(a == b for a, b in zip(got, as_text(expected), strict=True))
-    same_prefixed = sum(a == b for a, b in zip(got_prefixed, as_text(expected_prefixed), strict=True))
-    return {"identical_sequences": same, "prefixed_identical_sequences": same_prefixed, "sequences": len(PROMPTS),
-            "ok": same == same_prefixed == len(PROMPTS)}
+    counts = {f"{kind}identical_sequences": sum(a == b for a, b in zip(g, as_text(e), strict=True))
+              for kind, g, e in (("", got, expected), ("prefixed_", got_prefixed, expected_prefixed),
+                                 ("lora_", got_lora, expected_lora))}
+    return {**counts, "sequences": len(PROMPTS), "ok": all(n == len(PROMPTS) for n in counts.values())}
 
 
 def main() -> None:

@@ -3,14 +3,13 @@ with the adapter merged into its weights, whatever the adapter's batch neighbour
 
 from __future__ import annotations
 
-import copy
 import json
 
 import grpc
 import pytest
 import torch
 from engine_utils import request, run
-from safetensors.torch import save_file
+from lora_utils import merged_copy, write_lora
 from server_harness import running_server
 from test_engine import MAX_NEW, PROMPTS
 
@@ -20,35 +19,6 @@ from runtime.engine.config import EngineConfig
 from runtime.engine.lora import LoraRef
 
 T = 120
-R, ALPHA = 4, 8
-
-
-def _write_lora(folder, model, targets: list[str], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A PEFT LoRA adapter for every module whose name ends with one of `targets`; returns {module: (A, B)}."""
-    torch.manual_seed(seed)
-    folder.mkdir(parents=True)
-    weights, tensors = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            a = torch.randn(R, module.in_features) * 0.3
-            b = torch.randn(module.out_features, R) * 0.3
-            weights[name] = (a, b)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": R, "lora_alpha": ALPHA, "target_modules": targets, "bias": "none",
-        "fan_in_fan_out": False}))
-    return weights
-
-
-def _merged(model, weights):
-    merged = copy.deepcopy(model)
-    modules = dict(merged.named_modules())
-    with torch.no_grad():
-        for name, (a, b) in weights.items():
-            modules[name].weight += (ALPHA / R) * b @ a
-    return merged
 
 
 def _greedy(model, ids: list[int], n: int, pad: int) -> list[int]:
@@ -62,8 +32,8 @@ def store(tmp_path_factory, tiny_model):
     engine = AsyncEngine(EngineConfig(model_path=str(tiny_model("llama"))))
     model = engine.core.loaded.model
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {"attn": _write_lora(root / "loras" / "attn", model, ["q_proj", "v_proj"], 1),
-                "mlp": _write_lora(root / "loras" / "mlp", model, ["gate_proj", "down_proj", "o_proj"], 2)}
+    adapters = {"attn": write_lora(root / "loras" / "attn", model, ["q_proj", "v_proj"], 1),
+                "mlp": write_lora(root / "loras" / "mlp", model, ["gate_proj", "down_proj", "o_proj"], 2)}
     yield root, engine, adapters
     engine.shutdown()
 
@@ -71,7 +41,7 @@ def store(tmp_path_factory, tiny_model):
 def test_lora_rows_match_merged_models_in_one_batch(store):
     root, engine, adapters = store
     model, pad = engine.core.loaded.model, engine.core.loaded.pad_token_id
-    merged = {name: _merged(model, w) for name, w in adapters.items()}
+    merged = {name: merged_copy(model, w) for name, w in adapters.items()}
     choice = [None, "attn", "mlp", "attn", None, "mlp", "attn", "mlp"]
     reqs = []
     for text, n, name in zip(PROMPTS, MAX_NEW, choice, strict=False):
@@ -93,7 +63,7 @@ def test_lora_rows_match_merged_models_in_one_batch(store):
 def test_server_adapter_id(store, tiny_model, tmp_path):
     root, engine, adapters = store
     ids = engine.tokenizer(PROMPTS[0])["input_ids"]
-    merged = _merged(engine.core.loaded.model, adapters["attn"])
+    merged = merged_copy(engine.core.loaded.model, adapters["attn"])
     want = engine.tokenizer.decode(_greedy(merged, ids, 10, engine.core.loaded.pad_token_id),
                                    skip_special_tokens=True)
     (root / "odd").mkdir()
