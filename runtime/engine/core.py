@@ -260,7 +260,7 @@ class EngineCore:
 
     def _sample_and_advance(self, seqs: list[Sequence], logits: torch.Tensor,
                             prompt_logits: list[torch.Tensor | None] | None, started: float) -> list[RequestOutput]:
-        rows = [SamplerRow(s.params, len(s.generated), s.decoder_tokens(self.start_id), s.generator) for s in seqs]
+        rows = [SamplerRow(s.params, len(s.generated), self._history(s), s.generator) for s in seqs]
         result = self.sampler(logits, rows)
         now = time.monotonic()
         outputs = []
@@ -277,6 +277,10 @@ class EngineCore:
             if not seq.aborted:
                 outputs.append(out)
         return outputs
+
+    def _history(self, seq: Sequence) -> list[int]:
+        """Repetition-penalty ids; only rows with a penalty read them, so the others skip the O(length) copy."""
+        return seq.decoder_tokens(self.start_id) if seq.params.repetition_penalty != 1.0 else []
 
     def _input_details(self, seq: Sequence, prompt_logits: torch.Tensor | None) -> list[TokenDetail]:
         ids = seq.prefixed_prompt(self.start_id is not None)

@@ -24,8 +24,8 @@ class KVCacheManager:
         """Slots the padded batch of `seqs` holds once each row has grown by `grow` tokens."""
         if not seqs:
             return 0
-        dec = max(len(s.decoder_tokens(self.start_id)) for s in seqs) + grow
-        enc = 0 if self.start_id is None else max(len(s.prefixed_prompt(True)) for s in seqs)
+        dec = max(s.decoder_length(self.start_id) for s in seqs) + grow
+        enc = 0 if self.start_id is None else max(s.encoder_length() for s in seqs)
         return len(seqs) * (dec + enc)
 
     def fits(self, seqs: Seq[Sequence], grow: int = 1) -> bool:

@@ -63,7 +63,7 @@ class Scheduler:
             if skipped_at is not None and seq.arrival - skipped_at > self.config.max_queue_jump_s:
                 break
             group = [*chosen, seq]
-            width = max(len(s.decoder_tokens(self.kv.start_id)) for s in group)
+            width = max(s.decoder_length(self.kv.start_id) for s in group)
             if width * len(group) <= max(self.config.max_prefill_tokens, width) and self.kv.fits(
                 self.running + group
             ):

@@ -47,11 +47,23 @@ class Sequence:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.generated)
 
-    def _with_prefix(self, ids: list[int], part: str) -> list[int]:
-        """`ids` after the prefix's virtual positions of `part` ("decoder"/"encoder"), shown as a placeholder id."""
+    def _virtual(self, part: str) -> int:
+        """Virtual (prompt-prefix) positions before the `part` ("decoder"/"encoder") ids."""
         prefix = self.request.prefix
-        length = 0 if prefix is None else getattr(prefix, f"{part}_length")
-        return [prefix.placeholder_id] * length + ids if length else ids
+        return 0 if prefix is None else getattr(prefix, f"{part}_length")
+
+    def _with_prefix(self, ids: list[int], part: str) -> list[int]:
+        """`ids` after the prefix's virtual positions of `part`, shown as a placeholder id."""
+        length = self._virtual(part)
+        return [self.request.prefix.placeholder_id] * length + ids if length else ids
+
+    def decoder_length(self, start_id: int | None) -> int:
+        """len(decoder_tokens(start_id)) without building the list (the scheduler asks every step)."""
+        return self._virtual("decoder") + (len(self.prompt) if start_id is None else 1) + len(self.generated)
+
+    def encoder_length(self) -> int:
+        """len(prefixed_prompt(True)) without building the list."""
+        return self._virtual("encoder") + len(self.prompt)
 
     def decoder_tokens(self, start_id: int | None) -> list[int]:
         """Decoder ids the cache must hold: [prefix] + prompt + generated (decoder-only) or [prefix] + start +
