@@ -46,6 +46,7 @@ class Batch:
     enc_hidden: torch.Tensor | None = None  # [B, S, d] encoder output (encoder-decoder only)
     enc_mask: torch.Tensor | None = None  # [B, S]
     loras: list[LoraRef | None] | None = None  # per row; None when no row uses an adapter
+    handle: int | None = None  # tensor parallelism: the name of the other ranks' copies of this batch
 
     @property
     def size(self) -> int:

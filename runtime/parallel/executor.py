@@ -125,7 +125,6 @@ class ShardedRunner:
         self.local = local
         self.loaded = local.loaded
         self._procs, self._conns = procs, conns
-        self._handles: dict[int, int] = {}  # id(batch) -> handle
         self._next = itertools.count()
         self._released: list[int] = []
         self._stopping = False
@@ -146,21 +145,14 @@ class ShardedRunner:
     def _send(self, op: str, *args) -> None:
         if self.failure:
             raise RuntimeError(self.failure)
-        released, self._released = self._released, []
+        released = self._released[:]
+        del self._released[:len(released)]  # in place: the finalizers hold this list
         for conn in self._conns:
             conn.send((released, op, args))
 
-    def _handle(self, batch: Batch) -> int:
-        return self._handles[id(batch)]
-
     def _track(self, batch: Batch, handle: int) -> None:
-        key = id(batch)
-        self._handles[key] = handle
-        weakref.finalize(batch, self._release, key, handle)
-
-    def _release(self, key: int, handle: int) -> None:
-        self._handles.pop(key, None)
-        self._released.append(handle)
+        batch.handle = handle
+        weakref.finalize(batch, self._released.append, handle)  # the other ranks drop their copy with ours
 
     def _guard(self, fn, *args):
         """A local failure leaves the other ranks in an unknown collective: the group is no longer usable."""
@@ -181,15 +173,15 @@ class ShardedRunner:
         return result
 
     def decode(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
-        self._send("decode", self._handle(batch), tokens.tolist())
+        self._send("decode", batch.handle, tokens.tolist())
         return self._guard(self.local.decode, batch, tokens)
 
     def merge(self, a: Batch | None, b: Batch) -> Batch:
-        self._send("merge", None if a is None else self._handle(a), self._handle(b))
+        self._send("merge", None if a is None else a.handle, b.handle)
         return self.local.merge(a, b)
 
     def keep(self, batch: Batch, rows: list[int]) -> Batch | None:
-        self._send("keep", self._handle(batch), rows)
+        self._send("keep", batch.handle, rows)
         return self.local.keep(batch, rows)
 
     def close(self) -> None:
