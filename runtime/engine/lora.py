@@ -44,6 +44,27 @@ def read_lora_config(folder: Path) -> dict:
     return config
 
 
+def find_lora(folder: Path, name: str) -> LoraRef | None:
+    """The PEFT LoRA adapter stored in `folder`; None when the folder holds something else (a prompt prefix:
+    PEFT prompt tuning or decoder.pt/encoder.pt); ValueError, with the message for the client, for adapters of
+    another type or that this engine cannot apply."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        return None
+    kind = json.loads(config_path.read_text()).get("peft_type")
+    if kind == "PROMPT_TUNING":
+        return None
+    if kind != "LORA":
+        raise ValueError(f"adapter type {kind} is not currently supported")
+    try:
+        read_lora_config(folder)
+    except ValueError as exc:
+        raise ValueError(f"can't load adapter '{name}': {exc}") from exc
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ValueError(f"can't load adapter '{name}': adapter_model.safetensors not found")
+    return LoraRef(name, str(folder))
+
+
 class LoraManager:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, max_adapters: int = 8):
         self.modules = dict(model.named_modules())

@@ -22,7 +22,7 @@ import grpc
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.engine.inputs import prepare_input
-from runtime.engine.lora import LoraRef, read_lora_config
+from runtime.engine.lora import LoraRef, find_lora
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
 from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
 from runtime.server.metrics import Metrics
@@ -212,26 +212,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if not adapter_id or self.prefix_store is None:
             return None
         try:
-            folder = self.prefix_store.folder(adapter_id)
+            lora = find_lora(self.prefix_store.folder(adapter_id), adapter_id)
         except PrefixError:
             return None  # the prefix lookup reports it with TGIS' wording
-        config_path = folder / "adapter_config.json"
-        if not config_path.is_file():
-            return None
-        kind = json.loads(config_path.read_text()).get("peft_type")
-        if kind == "PROMPT_TUNING":
-            return None
-        if kind != "LORA":
-            raise ValidationError(f"adapter type {kind} is not currently supported")
-        if self.engine.facts.tensor_parallel_size > 1:
-            raise ValidationError("LoRA adapters are not supported with tensor parallelism yet")
-        try:
-            read_lora_config(folder)
         except ValueError as exc:
-            raise ValidationError(f"can't load adapter '{adapter_id}': {exc}") from exc
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise ValidationError(f"can't load adapter '{adapter_id}': adapter_model.safetensors not found")
-        return LoraRef(adapter_id, str(folder))
+            raise ValidationError(str(exc)) from exc
+        if lora is not None and self.engine.facts.tensor_parallel_size > 1:
+            raise ValidationError("LoRA adapters are not supported with tensor parallelism yet")
+        return lora
 
     async def _prefix(self, prefix_id: str) -> PromptPrefix | None:
         """Check #12: load (or find cached) the prompt prefix; every failure is the client's INVALID_ARGUMENT."""
