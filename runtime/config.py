@@ -12,7 +12,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from runtime.engine.config import ENGINES
+
 DTYPES = ("float32", "float16", "bfloat16", "float", "half")
+FRAMEWORKS = {"tgis_native": "native", "hf_custom_tp": "native", "hf_transformers": "transformers"}
 
 
 class ConfigError(ValueError):
@@ -81,16 +84,38 @@ class ServerConfig:
     max_waiting_tokens: int = _opt(24, "--max-waiting-tokens", env="MAX_WAITING_TOKENS",
                                    help="Decode steps before waiting requests are forced into the batch.",
                                    check=(_positive, "max_waiting_tokens ({value}) must be at least 1"))
-    max_prefill_tokens: int = _opt(4096, "--max-prefill-tokens", env="MAX_PREFILL_TOKENS",
-                                   help="Padded prompt tokens per prefill step.",
-                                   check=(_positive, "max_prefill_tokens ({value}) must be at least 1"))
+    max_num_batched_tokens: int | None = _opt(
+        None, "--max-num-batched-tokens", env="MAX_NUM_BATCHED_TOKENS",
+        help="Tokens computed per step: decodes first, then prompt chunks (default: 8192 on GPU, 512 on CPU).",
+        check=(_positive, "max_num_batched_tokens ({value}) must be at least 1"))
+    chunked_prefill: bool = _opt(True, "--chunked-prefill", env="ENABLE_CHUNKED_PREFILL",
+                                 help="Split long prompts over steps so running streams keep their pace (true/false).",
+                                 explicit_bool=True)
     kv_cache_memory_fraction: float = _opt(
         0.9, "--kv-cache-memory-fraction", env="KV_CACHE_MEMORY_FRACTION",
         help="Share of free device memory the KV cache may use.",
         check=(_fraction, "kv_cache_memory_fraction ({value}) must be in range 0 < x <= 1"))
     kv_cache_tokens: int | None = _opt(None, "--kv-cache-tokens", env="KV_CACHE_TOKENS",
-                                       help="KV cache capacity in token slots (overrides the memory fraction).",
+                                       help="KV cache capacity in tokens (overrides the memory fraction).",
                                        check=(_positive, "kv_cache_tokens ({value}) must be at least 1"))
+    prefix_caching: bool = _opt(True, "--prefix-caching", env="ENABLE_PREFIX_CACHING",
+                                help="Reuse the KV cache of identical prompt prefixes (true/false).",
+                                explicit_bool=True)
+    # engine
+    engine: str = _opt("auto", "--engine", help="auto (native where it serves the architecture, else "
+                       "transformers), native, transformers. DEPLOYMENT_FRAMEWORK=tgis_native|hf_custom_tp|"
+                       "hf_transformers (TGIS) selects one too.",
+                       check=(lambda v: v in ENGINES, "engine must be one of " + ", ".join(ENGINES) + ", not {value}"))
+    deployment_framework: str | None = _opt(
+        None, "--deployment-framework", env="DEPLOYMENT_FRAMEWORK", help="TGIS engine name (see --engine).",
+        check=(lambda v: v in FRAMEWORKS, "deployment_framework must be one of " + ", ".join(FRAMEWORKS) +
+               ", not {value}"))
+    cuda_graphs: bool = _opt(True, "--cuda-graphs", env="CUDA_GRAPHS",
+                             help="Capture decode steps in CUDA graphs (native engine, true/false).",
+                             explicit_bool=True)
+    pt2_compile: bool = _opt(False, "--pt2-compile", env="PT2_COMPILE",
+                             help="torch.compile the native model (TGIS PT2_COMPILE, true/false).",
+                             explicit_bool=True)
     # prompt-tuning prefixes (prefix_id)
     prefix_store_path: str | None = _opt(None, "--prefix-store-path", "--adapter-cache",
                                          env=("PREFIX_STORE_PATH", "ADAPTER_CACHE"),
@@ -147,6 +172,13 @@ class ServerConfig:
     @property
     def effective_dtype(self) -> str | None:
         return self.dtype or self.dtype_str
+
+    @property
+    def effective_engine(self) -> str:
+        """An explicit --engine wins; else TGIS' DEPLOYMENT_FRAMEWORK; else auto."""
+        if self.engine == "auto" and self.deployment_framework:
+            return FRAMEWORKS[self.deployment_framework]
+        return self.engine
 
     @property
     def world_size(self) -> int:

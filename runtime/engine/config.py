@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINES = ("auto", "native", "transformers")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.detokenizer import DetokenizationError, TokenizerInfo
-from runtime.engine.kv_cache import PagedKVManager, PaddedKVManager
+from runtime.engine.kv_cache import PaddedKVManager, PagedKVManager
 from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
 from runtime.engine.runner import make_runner

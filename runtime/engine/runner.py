@@ -19,10 +19,6 @@ from runtime.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# TGIS DEPLOYMENT_FRAMEWORK values (spec §4.1, §5.2) and what they select here
-FRAMEWORKS = {"tgis_native": "native", "hf_custom_tp": "native", "hf_transformers": "transformers"}
-
-
 class ModelRunner(Protocol):
     loaded: LoadedModel
     paged: bool
