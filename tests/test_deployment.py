@@ -41,6 +41,7 @@ IMAGE = "registry.example:5000/llm/tgis:1.2.3"
 K8S_VERSIONS = ("1.27", kubernetes_validate.utils.latest_version())
 # ConfigMap keys that are no `tgis serve` option: the caches (read by runtime/hub.py, runtime/default_model.py)
 NON_OPTION_ENV = {"HF_HUB_CACHE", "TGIS_CACHE", "LOG_LEVEL"}
+DOCUMENTED_SECRETS = {"tgis-hf-token", "tgis-tls", "tgis-client-ca"}
 MIN_STARTUP_S = 600  # model load, first start included
 MIN_SHM = 1 << 30  # NCCL's need, per TGIS' SIGBUS message
 COMMANDS = get_command(app).commands
@@ -151,10 +152,13 @@ def quantity(value: str | int) -> float:
 variants = pytest.mark.parametrize("overlay,components", VARIANTS, ids=["+".join((o, *c)) for o, c in VARIANTS])
 
 
-def test_every_overlay_and_component_is_covered():
+def test_every_overlay_and_component_is_covered_and_documented():
     assert {o for o, _ in VARIANTS} == set(OVERLAYS)
     assert {c for _, cs in VARIANTS for c in cs} == set(COMPONENTS)
     assert {"smollm2", "flan-ul2"} <= set(OVERLAYS)
+    readme = (ROOT / "README.md").read_text()
+    for name in [*OVERLAYS, *COMPONENTS, *DOCUMENTED_SECRETS]:
+        assert f"`{name}`" in readme or f"OVERLAY={name}" in readme, name
 
 
 @variants
@@ -187,6 +191,11 @@ def test_names_and_selectors_resolve(overlay, components):
     for c in spec["initContainers"] + spec["containers"]:
         assert [s["configMapRef"]["name"] for s in c["envFrom"]] == [configmap]
         assert c["image"] == IMAGE
+    # Secrets are the user's (README), so no overlay's name prefix may reach them
+    secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    secrets |= {e["valueFrom"]["secretKeyRef"]["name"] for c in spec["initContainers"] + spec["containers"]
+                for e in c.get("env", []) if "valueFrom" in e}
+    assert secrets <= DOCUMENTED_SECRETS
     claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
     assert claims == [only(res["PersistentVolumeClaim"])["metadata"]["name"]]
     for service in res["Service"]:
