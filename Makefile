@@ -6,10 +6,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 IMAGE  ?= tgis:latest
 PYTEST_ARGS ?=
+# Kubernetes: an overlay of deployment/overlays, optional components of deployment/components ("tls mtls openshift")
+OVERLAY    ?= smollm2
+COMPONENTS ?=
+NAMESPACE  ?=
+DEPLOY_SH  := IMAGE='$(IMAGE)' COMPONENTS='$(COMPONENTS)' NAMESPACE='$(NAMESPACE)' deployment/deploy.sh
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install proto test lint serve bench build clean
+.PHONY: install proto test lint serve bench build push manifests deploy undeploy clean
 
 install: $(STAMP)
 
@@ -37,6 +42,18 @@ bench: $(STAMP)
 
 build:
 	docker build -t $(IMAGE) .
+
+push:
+	docker push $(IMAGE)
+
+manifests:
+	$(DEPLOY_SH) render $(OVERLAY)
+
+deploy:
+	$(DEPLOY_SH) apply $(OVERLAY)
+
+undeploy:  # the cache volume goes too
+	$(DEPLOY_SH) delete $(OVERLAY)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

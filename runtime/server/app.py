@@ -32,6 +32,8 @@ from runtime.server.tls import server_credentials
 log = logging.getLogger("tgis.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# grpc.health.v1 names answered SERVING once the model is loaded (Kubernetes' native gRPC probes ask for them)
+HEALTH_SERVICES = ("", SERVICE_NAME)
 _LOG_EXTRAS = ("correlation_id", "request_id", "input_toks")
 
 
@@ -179,7 +181,7 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     else:
         server.add_secure_port(address, credentials)
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http = HealthMetricsServer(config.host, config.port, asyncio.get_running_loop(), engine.check_health,
                                metrics.render)
