@@ -113,6 +113,10 @@ class ServerConfig:
     cuda_graphs: bool = _opt(True, "--cuda-graphs", env="CUDA_GRAPHS",
                              help="Capture decode steps in CUDA graphs (native engine, true/false).",
                              explicit_bool=True)
+    load_format: str = _opt("auto", "--load-format", env="LOAD_FORMAT",
+                            help="auto (the checkpoint's weights) or dummy (random weights of the model's shape, "
+                                 "for benchmarks).",
+                            check=(lambda v: v in ("auto", "dummy"), "load_format must be auto or dummy, not {value}"))
     pt2_compile: bool = _opt(False, "--pt2-compile", env="PT2_COMPILE",
                              help="torch.compile the native model (TGIS PT2_COMPILE, true/false).",
                              explicit_bool=True)

@@ -208,7 +208,8 @@ class EngineCore:
 
     # ---- one step ------------------------------------------------------------------------------------------
     def step(self) -> None:
-        sched = self.scheduler.schedule()
+        counters = (self.kv.counters.queries, self.kv.counters.hits) if self.runner.paged else (0, 0)
+        sched = self.scheduler.schedule()  # admissions look prompts up in the prefix cache
         expired = self.scheduler.expired(time.monotonic())  # after scheduling: a request that reached a batch
         if expired:                                          # always gets its first token (spec §1.11)
             self.scheduler.remove_waiting(expired)
@@ -223,15 +224,14 @@ class EngineCore:
             if self.released:
                 self.runner.execute(StepPlan([], self._take_released()))
             return
-        self._run(sched)
+        self._run(sched, counters)
 
     def _take_released(self) -> list[str]:
         released, self.released = self.released, []
         return released
 
-    def _run(self, sched: Scheduled) -> None:
+    def _run(self, sched: Scheduled, counters: tuple[int, int]) -> None:
         t0 = time.monotonic()
-        counters = (self.kv.counters.queries, self.kv.counters.hits) if self.runner.paged else (0, 0)
         plan = StepPlan([self._row_plan(seq, n) for seq, n in sched.rows], self._take_released())
         prompt_rows = [r for r in plan.rows if not r.is_decode]
         stats = StepStats("prefill" if prompt_rows else "next_token", len(plan.rows), preempted=len(sched.preempted),
@@ -270,7 +270,8 @@ class EngineCore:
         prefix = seq.request.prefix
         row = RowPlan(seq.id, seq.tokens[start:start + n], start, sample=start + n == len(seq.tokens),
                       prompt_logits=seq.wants_input_details and self.start_id is None, new=new,
-                      new_blocks=seq.blocks[seq.sent_blocks:])
+                      new_blocks=seq.blocks[seq.sent_blocks:], reused_blocks=start // self.config.block_size if new
+                      else 0)
         seq.sent_blocks = len(seq.blocks)
         if new:
             row.encoder_ids = seq.encoder_ids

@@ -74,6 +74,8 @@ class NativeRunner:
         self.lora: NativeLoraManager | None = None
         self.graphs = None
         self.sharded = dist.is_initialized() and dist.get_world_size() > 1
+        if config.compile:
+            self.model.compile()
 
     # ---- KV cache ----------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -83,7 +85,7 @@ class NativeRunner:
 
     def kv_capacity(self, config: EngineConfig, max_sequence_length: int) -> int:
         """Blocks: from `kv_cache_tokens`, else what fits in `kv_cache_memory_fraction` of the memory left after
-        weights and a full-budget forward's activations (on the CPU, at most twice what full batches can use).
+        weights and a full-budget forward's activations (on the CPU, at most what full batches can use).
         Allocates the cache (and captures decode graphs on CUDA)."""
         per_seq = -(-max_sequence_length // self.block_size)
         self.block_table = torch.zeros(config.max_batch_size, per_seq, dtype=torch.int32, device=self.device)
@@ -96,14 +98,17 @@ class NativeRunner:
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             blocks = int(count.item())
         attn = self.model.layers[0].attn
-        self.caches = torch.zeros(len(self.model.layers), 2, blocks, self.block_size, attn.kv_heads, attn.head_dim,
+        # not zero-filled: a block is zeroed when it joins a block table, so on the CPU the pool takes memory only
+        # as it is used; the null block (padding rows read it) is zeroed now
+        self.caches = torch.empty(len(self.model.layers), 2, blocks, self.block_size, attn.kv_heads, attn.head_dim,
                                   dtype=self.dtype, device=self.device)
+        self.caches[:, :, 0].zero_()
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size,
                  blocks * self._block_bytes() / 2**30)
-        if self.device.type == "cuda" and config.cuda_graphs:
+        if config.cuda_graphs and self.device.type == "cuda" and not isinstance(self.backend, TorchAttention):
             from runtime.engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, config.max_batch_size)
+            self.graphs = DecodeGraphs(self, config.max_batch_size, capture=True)
         return blocks
 
     def _fit_blocks(self, config: EngineConfig, per_seq: int) -> int:
@@ -117,7 +122,7 @@ class NativeRunner:
             room = free_memory_bytes(self.device) * config.kv_cache_memory_fraction - activations
             return max(2, int(room) // self._block_bytes())
         room = free_memory_bytes(self.device) * config.kv_cache_memory_fraction
-        return max(2, min(int(room) // self._block_bytes(), 2 * per_seq * config.max_batch_size + 1))
+        return max(2, min(int(room) // self._block_bytes(), per_seq * config.max_batch_size + 1))
 
     @torch.inference_mode()
     def _profile(self, tokens: int) -> None:
@@ -167,16 +172,20 @@ class NativeRunner:
 
     def _update_tables(self, rows: list[RowPlan], states: list[_SeqState]) -> None:
         """Write the plan's new block ids into the persistent table (one indexed copy)."""
-        index_rows, index_cols, blocks = [], [], []
+        index_rows, index_cols, blocks, fresh = [], [], [], []
         for row, state in zip(rows, states, strict=True):
-            for block in row.new_blocks:
+            for i, block in enumerate(row.new_blocks):
                 index_rows.append(state.row)
                 index_cols.append(state.num_blocks)
                 blocks.append(block)
                 state.num_blocks += 1
+                if i >= row.reused_blocks:
+                    fresh.append(block)
         if blocks:
             self.block_table[torch.tensor(index_rows), torch.tensor(index_cols)] = torch.tensor(
                 blocks, dtype=torch.int32).to(self.device)
+        if fresh:  # the unwritten slots of a partly filled block are read (masked): they must hold finite values
+            self.caches.index_fill_(2, torch.tensor(fresh).to(self.device), 0)
 
     def inputs(self, plan: StepPlan, states: list[_SeqState]) -> StepInputs:
         """Token ids, positions, cache slots and attention metadata of a plan: O(rows + new tokens) on the host,

@@ -31,6 +31,7 @@ class RowPlan:
     # set on the first row of a sequence (and again after a preemption): the runner holds nothing for it yet
     new: bool = False
     new_blocks: list[int] = field(default_factory=list)  # paged runners: KV blocks appended to the table this step
+    reused_blocks: int = 0  # the first `reused_blocks` of them hold cached KV (prefix hit); the rest are fresh
     encoder_ids: list[int] | None = None  # encoder-decoder models, new rows: [placeholders] + prompt
     decoder_prefix: torch.Tensor | None = None  # new rows: prompt-tuning embeddings of the first positions
     encoder_prefix: torch.Tensor | None = None

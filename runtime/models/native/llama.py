@@ -41,16 +41,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale, self.window = cfg.scale, cfg.sliding_window
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+    def qkv_rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, d = x.shape[0], self.head_dim
         q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k, v = q.view(t, self.heads, d), k.view(t, self.kv_heads, d), v.view(t, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
-        out = backend(q, k, v.contiguous(), cache, meta, self.scale, self.window)
-        return self.o(out.reshape(t, self.heads * d))
+        return q, k, v.contiguous()
 
 
 class MLP(nn.Module):
@@ -65,6 +64,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Split around the attention kernel call: `before_attention` and `after_attention` are pure tensor code that
+    torch.compile can fuse (norms, rotary, residuals, activation), the attention backend stays outside."""
+
     def __init__(self, cfg: NativeConfig, shape: TPShape):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -73,11 +75,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, shape)
         self.residual_multiplier = cfg.residual_multiplier
 
-    def forward(self, x, cos, sin, cache, meta, backend) -> torch.Tensor:
-        h = self.attn(self.input_norm(x), cos, sin, cache, meta, backend)
-        x = x + (h if self.residual_multiplier == 1.0 else h * self.residual_multiplier)
+    def before_attention(self, x, cos, sin):
+        return self.attn.qkv_rotated(self.input_norm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        m = self.residual_multiplier
+        h = self.attn.o(attended.reshape(x.shape[0], -1))
+        x = x + (h if m == 1.0 else h * m)
         h = self.mlp(self.post_attention_norm(x))
-        return x + (h if self.residual_multiplier == 1.0 else h * self.residual_multiplier)
+        return x + (h if m == 1.0 else h * m)
+
+    def forward(self, x, cos, sin, cache, meta, backend) -> torch.Tensor:
+        q, k, v = self.before_attention(x, cos, sin)
+        return self.after_attention(x, backend(q, k, v, cache, meta, self.attn.scale, self.attn.window))
 
 
 class NativeCausalLM(nn.Module):
@@ -114,6 +124,12 @@ class NativeCausalLM(nn.Module):
         out = self.lm_head(hidden)
         s = self.config.logits_scaling
         return out if s == 1.0 else out / s
+
+    def compile(self) -> None:
+        """torch.compile the tensor code of every layer (TGIS PT2_COMPILE); attention kernels stay eager."""
+        for layer in self.layers:
+            layer.before_attention = torch.compile(layer.before_attention, dynamic=True)
+            layer.after_attention = torch.compile(layer.after_attention, dynamic=True)
 
     def projections(self) -> list[dict[str, Projection]]:
         """Per layer, the projections LoRA adapters can target."""

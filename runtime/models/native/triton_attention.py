@@ -27,10 +27,12 @@ MAX_SPLITS = 16
 def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr, scale, window,
                     stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
                     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    TILE: tl.constexpr, SPLITS: tl.constexpr):
+                    TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lens_ptr + b)
-    lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    lo = length * 0
+    if window > 0:
+        lo = tl.maximum(length - window, 0)
     per_split = tl.cdiv(tl.cdiv(length - lo, SPLITS), TILE) * TILE
     start = lo + s * per_split
     end = tl.minimum(start + per_split, length)
@@ -39,7 +41,7 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, par
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=head_ok[:, None], other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)
+    denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     for tile in range(start, end, TILE):
         pos = tile + tl.arange(0, TILE)
@@ -47,18 +49,18 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, par
         block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=ok, other=0)
         rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
         k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        denom = denom * alpha + tl.sum(p, 1)
         m = m_new
-    has = l > 0
-    out = acc / tl.where(has, l, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    has = denom > 0
+    out = acc / tl.where(has, denom, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
     base = b * stride_ob + heads * stride_oh + s * stride_os
     tl.store(part_out_ptr + base[:, None] + dims[None, :], out, mask=head_ok[:, None])
     tl.store(part_lse_ptr + (b * stride_ob + heads * stride_oh) // HEAD_DIM + s, lse, mask=head_ok)
@@ -81,7 +83,7 @@ def _decode_merge(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, str
 def _prefill(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, starts_ptr, scale, window,
              stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_M: tl.constexpr,
-             TILE_N: tl.constexpr):
+             TILE_N: tl.constexpr, PRECISION: tl.constexpr):
     row, tile_m, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(starts_ptr + row)
     q_len = tl.load(starts_ptr + row + 1) - q_start
@@ -96,18 +98,19 @@ def _prefill(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, starts_ptr, sca
     q = tl.load(q_ptr + (q_start + qi)[:, None] * stride_qt + h * stride_qh + dims[None, :], mask=q_ok[:, None],
                 other=0.0)
     m = tl.full([TILE_M], float("-inf"), tl.float32)
-    l = tl.zeros([TILE_M], tl.float32)
+    denom = tl.zeros([TILE_M], tl.float32)
     acc = tl.zeros([TILE_M, HEAD_DIM], tl.float32)
     last = tl.minimum(length - q_len + (tile_m + 1) * TILE_M, length)  # keys past the tile's last query: masked
-    first = tl.where(window > 0, tl.maximum(length - q_len + tile_m * TILE_M - window + 1, 0), 0)
-    first = first // TILE_N * TILE_N
+    first = length * 0
+    if window > 0:
+        first = tl.maximum(length - q_len + tile_m * TILE_M - window + 1, 0) // TILE_N * TILE_N
     for tile in range(first, last, TILE_N):
         pos = tile + tl.arange(0, TILE_N)
         k_ok = pos < last
         block = tl.load(tables_ptr + row * stride_tb + pos // BLOCK_SIZE, mask=k_ok, other=0)
         rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
         k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         seen = k_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         seen = seen & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
         scores = tl.where(seen, scores, float("-inf"))
@@ -116,12 +119,17 @@ def _prefill(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, starts_ptr, sca
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        denom = denom * alpha + tl.sum(p, 1)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(out_ptr + (q_start + qi)[:, None] * stride_qt + h * stride_qh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
+
+
+def _precision(q: torch.Tensor) -> str:
+    """float32 stays float32 in the dot products (Triton would use TF32 and lose the exact match)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
@@ -163,7 +171,7 @@ class TritonAttention:
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
             GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2],
-            TILE=DECODE_TILE, SPLITS=splits)
+            TILE=DECODE_TILE, SPLITS=splits, PRECISION=_precision(q))
         _decode_merge[(b, heads)](part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
                                   part_out.stride(2), out.stride(0), out.stride(1), HEAD_DIM=dim, SPLITS=splits)
 
@@ -175,4 +183,4 @@ class TritonAttention:
         _prefill[grid](q, keys, values, out, tables, lens, starts, scale, window or 0,
                        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0),
                        GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2], TILE_M=PREFILL_TILE_M,
-                       TILE_N=PREFILL_TILE_N)
+                       TILE_N=PREFILL_TILE_N, PRECISION=_precision(q))
