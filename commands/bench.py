@@ -4,7 +4,9 @@ HTTP API, on a reproducible workload; with `--baseline` a CI gate that fails on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,6 +90,10 @@ def bench(
                                       help="JSON schema (file or inline) every output must follow; output lengths "
                                       "become upper bounds."),
     repeat: int = typer.Option(1, "--repeat", min=1, help="Run the workload K times; report and gate the median."),
+    engine: str = typer.Option("auto", "--engine", help="In-process: auto (native where it serves the "
+                               "architecture), native or transformers."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
+                                        help="In-process: reuse the KV cache of shared prompt prefixes (native)."),
     load_format: str = typer.Option("auto", "--load-format", help="In-process: auto (the model's weights) or "
                                     "dummy (random weights of MODEL's shape)."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer model for dummy weights and for "
@@ -121,9 +127,12 @@ def bench(
                 and k not in ("output", "json_output")}
     from runtime.bench import BenchError
     from runtime.bench.workload import Workload
+    from runtime.engine.config import ENGINES
 
     if load_format not in LOAD_FORMATS:
         raise typer.BadParameter(f"expected one of {', '.join(LOAD_FORMATS)}", param_hint="'--load-format'")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"expected one of {', '.join(ENGINES)}", param_hint="'--engine'")
     if request_rate is not None and request_rate <= 0:
         raise typer.BadParameter("must be > 0 (requests per second)", param_hint="'--request-rate'")
     if grpc_address and openai_url:
@@ -181,8 +190,8 @@ def _run(workload, settings: dict, base: dict | None, show_progress: bool) -> di
     from runtime.bench.runner import measure
     from runtime.bench.workload import build_requests, identity
 
-    target, engine = _open_target(settings)
-    try:
+    with contextlib.ExitStack() as stack:
+        target = _open_target(settings, stack)
         requests = build_requests(workload, target.tokenizer)
         ident = identity(workload, requests)
         if base is not None and (diffs := workload_differences(base, ident)):
@@ -195,16 +204,13 @@ def _run(workload, settings: dict, base: dict | None, show_progress: bool) -> di
             runs = asyncio.run(measure(target, payloads, workload, settings["repeat"],
                                        lambda: progress.advance(task)))
         return build_report(ident, settings, target.describe(), runs)
-    finally:
-        if engine is not None:
-            engine.shutdown()
 
 
-def _open_target(settings: dict):
-    """(target, the in-process engine to shut down or None)."""
+def _open_target(s: dict, stack: contextlib.ExitStack):
+    """The target the options name; what it holds (an in-process engine, a dummy model's directory) is released
+    when `stack` closes."""
     from runtime.bench import BenchError
 
-    s = settings
     if s["load_format"] == "dummy" and (s["grpc_address"] or s["openai_url"]):
         raise typer.BadParameter("random weights are for the in-process engine", param_hint="'--load-format'")
     if s["grpc_address"] or s["openai_url"]:
@@ -214,45 +220,49 @@ def _open_target(settings: dict):
         if s["grpc_address"]:
             from runtime.bench.target_grpc import GrpcTarget, default_metrics_url
 
-            return GrpcTarget(s["grpc_address"], tok, s["metrics_url"] or default_metrics_url(s["grpc_address"])), None
+            return GrpcTarget(s["grpc_address"], tok, s["metrics_url"] or default_metrics_url(s["grpc_address"]))
         from runtime.bench.target_openai import OpenAITarget, default_metrics_url
 
-        return OpenAITarget(s["openai_url"], tok, s["metrics_url"] or default_metrics_url(s["openai_url"])), None
+        return OpenAITarget(s["openai_url"], tok, s["metrics_url"] or default_metrics_url(s["openai_url"]))
     from runtime.bench.target_engine import EngineTarget
-    from runtime.engine.async_engine import AsyncEngine
 
     try:
-        config, loaded = _engine_config(s)
-        engine = AsyncEngine(config, loaded)
+        engine = _engine(s, stack)
     except (ValueError, OSError) as exc:
         raise BenchError(f"cannot start the engine: {exc}") from exc
-    return EngineTarget(engine), engine
+    stack.callback(engine.shutdown)
+    return EngineTarget(engine)
 
 
-def _engine_config(s: dict):
-    """The engine config and, for dummy weights, the model built for it (None: the engine loads the model)."""
+def _engine(s: dict, stack: contextlib.ExitStack):
+    """An in-process engine; for dummy weights over a weightless model directory written for the run."""
+    from runtime.engine.async_engine import AsyncEngine
     from runtime.engine.config import EngineConfig
 
-    options = {"dtype": s["dtype"], "device": s["device"], "max_batch_size": s["max_batch_size"],
-               "max_sequence_length": s["max_sequence_length"], "tensor_parallel_size": s["num_gpus"]}
+    options = {"dtype": s["dtype"], "device": s["device"], "engine": s["engine"], "max_batch_size": s["max_batch_size"],
+               "max_sequence_length": s["max_sequence_length"], "tensor_parallel_size": s["num_gpus"],
+               "prefix_caching": s["prefix_caching"]}
     if s["load_format"] == "auto":
-        return EngineConfig(model_path=str(resolve_model(s["model"])), **options), None
-    from runtime.models.dummy import dummy_config
-    from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, config_max_sequence_length, load_dummy_model
+        return AsyncEngine(EngineConfig(model_path=str(resolve_model(s["model"])), load_format="auto", **options))
+    from runtime.engine.runner import choose_engine
+    from runtime.models.dummy import write_dummy_model
+    from runtime.models.loader import load_dummy_model
 
-    if s["num_gpus"] > 1:
-        raise typer.BadParameter("random weights run on one rank", param_hint="'--num-gpus'")
     if not s["model"]:
         raise typer.BadParameter("--load-format dummy needs MODEL: a config.json, a directory with one, or a named "
                                  "shape", param_hint="MODEL")
+    tokenizer = resolve_model(s["tokenizer"])
+    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tgis-dummy-")))
     try:
-        shape = dummy_config(s["model"])
+        path = write_dummy_model(s["model"], tokenizer, directory)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="MODEL") from None
-    options["max_sequence_length"] = (s["max_sequence_length"] or config_max_sequence_length(shape)
-                                      or DEFAULT_MAX_SEQUENCE_LENGTH)
-    loaded = load_dummy_model(s["model"], resolve_model(s["tokenizer"]), s["dtype"], s["device"])
-    return EngineConfig(model_path=f"dummy:{s['model']}", **options), loaded
+    config = EngineConfig(model_path=str(path), load_format="dummy", **options)
+    if choose_engine(config) == "native":  # the native loader fills its own shapes
+        return AsyncEngine(config)
+    if s["num_gpus"] > 1:
+        raise typer.BadParameter("random transformers weights run on one rank", param_hint="'--num-gpus'")
+    return AsyncEngine(config, load_dummy_model(path, s["dtype"], s["device"]))
 
 
 def _gate(report: dict, base: dict | None, tolerances: dict, quiet: bool) -> list[str]:

@@ -38,7 +38,7 @@ def tok(model_dir):
 
 
 def bench(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, ["bench", *map(str, args)])
+    result = CliRunner().invoke(app, ["bench", *map(str, args)], env={"COLUMNS": "500"})  # no wrapped messages
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     return result.exit_code, result.output
 
@@ -131,7 +131,7 @@ def test_driver_sends_at_arrival_times_and_bounds_concurrency():
 
     t0, result = asyncio.run(main())
     for payload, at in sent:
-        assert arrivals[payload] - 0.005 <= at - t0 <= arrivals[payload] + 0.25
+        assert arrivals[payload] - 0.005 <= at - t0 <= arrivals[payload] + 0.5  # never early; late only by load
     assert [r.error for r in result.records].count("INVALID_ARGUMENT") == 1
 
     peak = 0
@@ -143,7 +143,8 @@ def test_driver_sends_at_arrival_times_and_bounds_concurrency():
 
 @pytest.fixture(scope="module")
 def engine_report(model_dir, tmp_path_factory):
-    """One in-process run with a shared prefix and two repeats; the requests the engine received."""
+    """One in-process run (the native engine, prefix caching on) with a shared prefix of two KV blocks and two
+    repeats; the requests the engine received."""
     out = tmp_path_factory.mktemp("bench") / "report.json"
     seen = []
     original = AsyncEngine.generate
@@ -156,7 +157,7 @@ def engine_report(model_dir, tmp_path_factory):
     mp.setattr(AsyncEngine, "generate", spy)
     try:
         code, output = bench(model_dir, "-n", 12, "--input-len", "4:20", "--output-len", "3:9", "-c", 6,
-                             "--seed", 7, "--shared-prefix", 8, "--repeat", 2, "-o", out)
+                             "--seed", 7, "--shared-prefix", 32, "--repeat", 2, "-o", out)
     finally:
         mp.undo()
     assert code == 0, output
@@ -165,10 +166,10 @@ def engine_report(model_dir, tmp_path_factory):
 
 def test_engine_report_counts_and_what_the_engine_received(engine_report, tok):
     report, seen, output = engine_report
-    expected = build_requests(Workload(12, (4, 20), (3, 9), 6, 7, shared_prefix=8), tok)
+    expected = build_requests(Workload(12, (4, 20), (3, 9), 6, 7, shared_prefix=32), tok)
     assert len(seen) == 24  # 12 requests x 2 repeats
     assert [r.input_ids for r in seen[:12]] == [r.prompt_ids for r in expected]
-    assert all(r.input_ids[:8] == seen[0].input_ids[:8] for r in seen)
+    assert all(r.input_ids[:32] == seen[0].input_ids[:32] for r in seen)
     assert [r.params.min_new_tokens for r in seen[:12]] == [r.output_len for r in expected]
     m = report["metrics"]
     assert len(report["runs"]) == 2
@@ -178,9 +179,35 @@ def test_engine_report_counts_and_what_the_engine_received(engine_report, tok):
     assert m["output_tok_s"] > 0 and m["request_s"] > 0
     assert 0 < m["ttft_ms"]["p50"] <= m["ttft_ms"]["p99"] <= m["ttft_ms"]["max"] <= m["e2e_ms"]["max"]
     assert m["itl_ms"]["p50"] > 0
-    assert m["prefix_cache_hit_rate"] is None  # the engine has no prefix-cache counters yet
     assert m["output_tok_s"] == statistics.median(r["output_tok_s"] for r in report["runs"])
     assert "tok/s" in output and "TTFT" in output
+
+
+def test_engine_target_sums_step_prefix_cache_counters(engine_report):
+    from runtime.bench.target_engine import EngineTarget
+    from runtime.engine.core import StepStats
+
+    class Front:
+        tokenizer = None
+
+        def add_step_listener(self, fn):
+            self.listener = fn
+
+    front = Front()
+    target = EngineTarget(front)
+    before = asyncio.run(target.prefix_cache())
+    for queries, hits in ((40, 0), (0, 0), (41, 32)):
+        front.listener(StepStats("prefill", 1, prefix_cache_queries=queries, prefix_cache_hits=hits))
+    assert hit_rate(before, asyncio.run(target.prefix_cache())) == 32 / 81
+
+
+@pytest.mark.xfail(strict=True, reason="EngineCore._run snapshots the KV counters after the scheduler admitted the "
+                   "step's prompts, so StepStats.prefix_cache_queries/hits are always 0 (runtime/engine/core.py)")
+def test_engine_report_prefix_cache_hit_rate(engine_report):
+    runs = engine_report[0]["runs"]
+    # the shared prefix's two blocks are computed once: later prompts (and the whole second run) find them
+    assert 0 < engine_report[0]["metrics"]["prefix_cache_hit_rate"] < 1
+    assert runs[1]["prefix_cache_hit_rate"] > runs[0]["prefix_cache_hit_rate"]
 
 
 def test_report_carries_every_setting(engine_report):
@@ -190,11 +217,10 @@ def test_report_carries_every_setting(engine_report):
     command = typer.main.get_command(app).commands["bench"]
     names = {p.name for p in command.params} - {"output", "json_output"}
     assert names <= set(report["workload"]) | set(report["settings"])
-    assert report["workload"]["shared_prefix"] == 8 and report["workload"]["input_len"] == [4, 20]
+    assert report["workload"]["shared_prefix"] == 32 and report["workload"]["input_len"] == [4, 20]
     assert report["settings"]["repeat"] == 2
     target = report["target"]
-    assert (target["engine"], target["model_class"], target["dtype"], target["device"]) == (
-        "transformers", "LlamaForCausalLM", "float32", "cpu")
+    assert (target["engine"], target["dtype"], target["device"]) == ("native", "float32", "cpu")
     assert target["engine_config"]["max_batch_size"] == 16
     assert {"tgis", "torch", "transformers"} <= set(report["environment"]["versions"])
 
@@ -224,7 +250,7 @@ def test_gate_direction_aware(engine_report):
 def test_gate_cli_passes_fails_and_refuses_other_workloads(engine_report, model_dir, tmp_path):
     report = engine_report[0]
     args = [model_dir, "-n", 12, "--input-len", "4:20", "--output-len", "3:9", "-c", 6, "--seed", 7,
-            "--shared-prefix", 8]
+            "--shared-prefix", 32]
     same = tmp_path / "same.json"
     same.write_text(json.dumps(report))
     code, output = bench(*args, "--baseline", same, "--max-regression", "1000%")
@@ -271,19 +297,27 @@ def test_guided_in_process_fails_clearly(model_dir):
 def test_dummy_weights_from_config_and_named_shapes(model_dir, tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
-    out = tmp_path / "dummy.json"
-    code, output = bench(tmp_path / "config.json", "--load-format", "dummy", "--tokenizer", model_dir, "-n", 4,
-                         "--input-len", "3:5", "--output-len", "2", "-o", out)
-    assert code == 0, output
-    report = json.loads(out.read_text())
-    assert report["metrics"]["output_tokens"] == 8
-    assert report["target"]["engine_config"]["model_path"] == f"dummy:{tmp_path / 'config.json'}"
-    assert report["target"]["max_sequence_length"] == config["max_position_embeddings"]
+    for engine, model_class in (("transformers", "LlamaForCausalLM"), ("native", None)):
+        out = tmp_path / f"{engine}.json"
+        code, output = bench(tmp_path / "config.json", "--load-format", "dummy", "--tokenizer", model_dir,
+                             "--engine", engine, "-n", 4, "--input-len", "3:5", "--output-len", "2", "-o", out)
+        assert code == 0, output
+        report = json.loads(out.read_text())
+        assert report["metrics"]["output_tokens"] == 8
+        assert report["target"]["engine"] == engine
+        assert model_class in (None, report["target"]["model_class"])
+        assert report["target"]["max_sequence_length"] == config["max_position_embeddings"]
+        assert report["settings"]["load_format"] == "dummy"
 
     code, output = bench("llama-4-9000b", "--load-format", "dummy")
     assert code == 2 and "llama-3-8b" in output and "qwen3-0.6b" in output
-    code, output = bench(tmp_path, "--load-format", "dummy", "--tokenizer", model_dir, "--grpc", "x:1")
+    code, output = bench("qwen3-0.6b", "--load-format", "dummy", "--tokenizer", model_dir, "--grpc", "x:1")
     assert code == 2 and "in-process" in output
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "config.json").write_text(json.dumps(config | {"vocab_size": 100}))
+    code, output = bench(small, "--load-format", "dummy", "--tokenizer", model_dir)
+    assert code == 2 and "more than the vocab_size 100" in output
 
 
 def test_dummy_named_shapes_build():
@@ -365,11 +399,12 @@ async def _fake_openai(chunks: list[str], usage: dict | None, status: int = 200)
             events.append({"choices": [{"text": "", "index": 0, "finish_reason": "length"}]})
             if usage:
                 events.append({"choices": [], "usage": usage})
-            for event in [*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]:
+            for i, event in enumerate([*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]):
+                if i:
+                    await asyncio.sleep(0.3 if i == 1 else 0.01)  # the first token well before the rest
                 data = event.encode()
                 writer.write(b"%x\r\n%s\r\n" % (len(data), data))
                 await writer.drain()
-                await asyncio.sleep(0.01)
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         writer.close()
@@ -395,7 +430,7 @@ def test_openai_client_streams_and_counts(tok):
     assert {b["prompt"] for b in bodies} == {r.prompt_text for r in reqs}
     rec = result.records[0]
     assert rec.error is None and len(rec.token_times) == 3  # three text chunks, timed as they arrived
-    assert rec.token_times[0] > rec.start and rec.token_times[2] - rec.token_times[0] >= 0.015
+    assert rec.start < rec.token_times[0] < rec.token_times[1] - 0.2  # timed as they arrived, not at the end
     assert (rec.prompt_tokens, rec.output_tokens) == (9, 4)  # the usage chunk has the exact counts
 
     _, result, _ = asyncio.run(main(["a"], None))

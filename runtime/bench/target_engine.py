@@ -52,9 +52,10 @@ class EngineTarget:
         core = self.engine.core  # an AsyncEngine: the core and its model are in this process
         model, device = core.loaded.model, core.loaded.device
         module = type(model).__module__
+        engines = {"transformers.": "transformers", "runtime.models.native.": "native"}
         return {
             "target": "engine",
-            "engine": "transformers" if module.startswith("transformers.") else module,
+            "engine": next((e for prefix, e in engines.items() if module.startswith(prefix)), module),
             "model_class": type(model).__name__,
             "dtype": str(core.loaded.dtype).removeprefix("torch."),
             "device": str(device),

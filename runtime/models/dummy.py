@@ -1,8 +1,9 @@
 """Model configs for `--load-format dummy`: benchmark a model's shape without its weights.
 
 A spec is a local `config.json` (or a directory holding one) or a named shape from `NAMED_SHAPES` (the published
-configs of models people benchmark). Engine-independent on purpose: any model path (transformers or native) builds
-its random-weight model from the dict returned here.
+configs of models people benchmark). `write_dummy_model` turns a spec and a tokenizer into a model directory without
+weights (config.json + tokenizer files), which every engine loads with `load_format="dummy"`: the native loader
+fills its shapes with random weights, `runtime.models.loader.load_dummy_model` builds the transformers model.
 """
 
 from __future__ import annotations
@@ -61,3 +62,22 @@ def dummy_config(spec: str) -> dict:
         raise ValueError(f"{spec!r} is neither a config.json (or a directory with one) nor a named shape; "
                          f"named shapes: {', '.join(NAMED_SHAPES)}")
     return dict(shape)
+
+
+def write_dummy_model(spec: str, tokenizer_dir: str | Path, out: Path) -> Path:
+    """`out` as a weightless model directory: the spec's config with the tokenizer's special ids (they stop
+    generation), and the tokenizer. Refuses a tokenizer whose ids would fall outside the embedding."""
+    from transformers import AutoTokenizer
+
+    config = dummy_config(spec)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) > config.get("vocab_size", 0):
+        raise ValueError(f"the tokenizer at {tokenizer_dir} has {len(tokenizer)} tokens, more than the vocab_size "
+                         f"{config.get('vocab_size')} of {spec}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name) is not None:
+            config[name] = getattr(tokenizer, name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(out)
+    return out

@@ -51,12 +51,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def model_max_sequence_length(model_path: str | Path) -> int | None:
-    """The first integer among TGIS' config keys in the model's config.json, or None."""
-    return config_max_sequence_length(json.loads((Path(model_path) / "config.json").read_text()))
-
-
-def config_max_sequence_length(config: dict) -> int | None:
     """The first integer among TGIS' config keys, or None."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
     for key in SEQ_LEN_KEYS:
         if isinstance(config.get(key), int):
             return config[key]
@@ -105,29 +101,21 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     return LoadedModel(model, tokenizer, dev, dt, seq2seq, *special_ids(config, tokenizer), vocab)
 
 
-def load_dummy_model(spec: str, tokenizer_path: str | Path, dtype: str | None = None, device: str | None = None,
+def load_dummy_model(model_path: str | Path, dtype: str | None = None, device: str | None = None,
                      seed: int = 0) -> LoadedModel:
-    """A model of the shape `spec` names (runtime.models.dummy) with seeded random weights, built directly on the
-    device, paired with the tokenizer at `tokenizer_path`: benchmarks without downloading weights."""
+    """The transformers model of a weightless model directory (runtime.models.dummy.write_dummy_model) with seeded
+    random weights, built directly on the device: benchmarks of shapes whose weights are not here."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from runtime.models.dummy import dummy_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = AutoConfig.for_model(**dummy_config(spec))
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"the tokenizer at {tokenizer_path} has {len(tokenizer)} tokens, more than the "
-                         f"vocab_size {config.vocab_size} of {spec}: its ids would fall outside the embedding")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the tokenizer's ids stop generation
-        if getattr(tokenizer, name) is not None:
-            setattr(config, name, getattr(tokenizer, name))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(model_path)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     torch.manual_seed(seed)
     with dev:  # tied embeddings stay tied (unlike under accelerate's init_empty_weights)
         model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config, dtype=dt).eval()
-    log.info("built %s (%s) with random weights on %s as %s", spec, type(model).__name__, dev, dt)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    log.info("built %s (%s) with random weights on %s as %s", model_path, type(model).__name__, dev, dt)
     vocab = model.get_output_embeddings().weight.shape[0]
     return LoadedModel(model, tokenizer, dev, dt, seq2seq, *special_ids(config, tokenizer), vocab)
 
