@@ -101,6 +101,25 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     return LoadedModel(model, tokenizer, dev, dt, seq2seq, *special_ids(config, tokenizer), vocab)
 
 
+def load_dummy_model(model_path: str | Path, dtype: str | None = None, device: str | None = None,
+                     seed: int = 0) -> LoadedModel:
+    """The transformers model of a weightless model directory (runtime.models.dummy.write_dummy_model) with seeded
+    random weights, built directly on the device: benchmarks of shapes whose weights are not here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(model_path)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    torch.manual_seed(seed)
+    with dev:  # tied embeddings stay tied (unlike under accelerate's init_empty_weights)
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config, dtype=dt).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    log.info("built %s (%s) with random weights on %s as %s", model_path, type(model).__name__, dev, dt)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return LoadedModel(model, tokenizer, dev, dt, seq2seq, *special_ids(config, tokenizer), vocab)
+
+
 def special_ids(config, tokenizer) -> tuple[int | None, int, int | None]:
     """(EOS, pad, decoder start) as TGIS picks them: EOS from the config, else the tokenizer's (TGIS #93); pad from
     the config, the tokenizer, EOS or 0; the decoder start (encoder-decoder models) from the config, BOS or pad."""
