@@ -201,8 +201,6 @@ def test_engine_target_sums_step_prefix_cache_counters(engine_report):
     assert hit_rate(before, asyncio.run(target.prefix_cache())) == 32 / 81
 
 
-@pytest.mark.xfail(strict=True, reason="EngineCore._run snapshots the KV counters after the scheduler admitted the "
-                   "step's prompts, so StepStats.prefix_cache_queries/hits are always 0 (runtime/engine/core.py)")
 def test_engine_report_prefix_cache_hit_rate(engine_report):
     runs = engine_report[0]["runs"]
     # the shared prefix's two blocks are computed once: later prompts (and the whole second run) find them

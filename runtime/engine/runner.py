@@ -70,7 +70,11 @@ def local_runner(config: EngineConfig, engine: str, shard: tuple[int, int] | Non
 
         return NativeRunner(load_native(config, shard), config)
     from runtime.engine.hf_runner import TransformersRunner
-    from runtime.models.loader import load_model
+    from runtime.models.loader import load_dummy_model, load_model
 
+    if config.load_format == "dummy":
+        if shard is not None:
+            raise ValueError("random (dummy) weights are not split over ranks by the transformers engine")
+        return TransformersRunner(load_dummy_model(config.model_path, config.dtype, config.device))
     return TransformersRunner(load_model(config.model_path, config.dtype, config.device, config.trust_remote_code,
                                          shard=shard))
