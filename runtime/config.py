@@ -117,9 +117,9 @@ class ServerConfig:
                             help="auto (the checkpoint's weights) or dummy (random weights of the model's shape, "
                                  "for benchmarks).",
                             check=(lambda v: v in ("auto", "dummy"), "load_format must be auto or dummy, not {value}"))
-    pt2_compile: bool = _opt(False, "--pt2-compile", env="PT2_COMPILE",
-                             help="torch.compile the native model (TGIS PT2_COMPILE, true/false).",
-                             explicit_bool=True)
+    pt2_compile: bool | None = _opt(None, "--pt2-compile", env="PT2_COMPILE",
+                                    help="torch.compile the native model (TGIS PT2_COMPILE, true/false; default: "
+                                         "on GPUs).", explicit_bool=True)
     # prompt-tuning prefixes (prefix_id)
     prefix_store_path: str | None = _opt(None, "--prefix-store-path", "--adapter-cache",
                                          env=("PREFIX_STORE_PATH", "ADAPTER_CACHE"),

@@ -123,7 +123,8 @@ def correctness(work: Path, n_new: int = 32) -> dict:
             for variant, extra in (("graphs", {}), ("eager", {"cuda_graphs": False}),
                                    ("chunked", {"max_num_batched_tokens": 16})):
                 engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=DEVICE, engine="native",
-                                                  max_waiting_tokens=1, debug_checks=True, **extra))
+                                                  max_waiting_tokens=1, debug_checks=True, kv_cache_tokens=65536,
+                                                  **extra))
                 try:
                     def reqs(tag, ids=ids):
                         return [EngineRequest(f"{tag}-{j}", i, GenerationParams(max_new_tokens=n_new,
@@ -140,6 +141,7 @@ def correctness(work: Path, n_new: int = 32) -> dict:
                     special = run_all(engine, mixed)
                 finally:
                     engine.shutdown()
+                    release()
                 exact = [g == r for g, r in zip(first, refs, strict=True)]
                 same = sum(a == b for g, r in zip(first, refs, strict=True) for a, b in zip(g, r, strict=True))
                 report[f"{name}/{dtype}/{variant}"] = {
@@ -170,6 +172,15 @@ def copy_bandwidth() -> float:
             times.append(time.perf_counter() - t0)
     del src, dst
     return 2 * size / statistics.median(times)
+
+
+def release() -> None:
+    """Give the device memory of engines that were shut down back before the next one sizes its KV cache."""
+    import gc
+
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync() -> None:
@@ -207,7 +218,33 @@ def decode_phase(path: Path, engine: AsyncEngine) -> dict:
     ms = min(once(f"lat-{i}") for i in range(3))
     floor = read_per_step / bandwidth * 1000
     return {"ms_per_token": ms, "floor_ms": floor, "ratio_to_floor": ms / floor,
-            "copy_bandwidth_TBps": bandwidth / 1e12, "weight_bytes_read_per_step": read_per_step}
+            "copy_bandwidth_TBps": bandwidth / 1e12, "weight_bytes_read_per_step": read_per_step,
+            "matmuls_only_ms": matmuls_only_ms(model)}
+
+
+def matmuls_only_ms(model) -> float | None:
+    """The step's weight matmuls alone at batch 1 (every projection of every layer and the LM head, replayed from
+    one CUDA graph): what cuBLAS reaches on these shapes, the practical floor under the bandwidth floor."""
+    if DEVICE != "cuda":
+        return None
+    weights = [p.weight for layer in model.projections() for p in layer.values()] + [model.lm_head.weight]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=DEVICE) for w in weights}
+
+    def step():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / 20
 
 
 def offline_workload(n: int = 256, seed: int = 0, short: bool = False) -> list[tuple[list[int], int]]:
@@ -240,9 +277,74 @@ def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = N
     decode = [s for s in steps if s.method == "next_token"]
     return {"generated_tokens": generated, "wall_s": wall, "generated_tok_per_s": generated / wall,
             "steps": len(steps), "decode_steps": len(decode),
+            "mean_decode_host_launch_ms": 1000 * statistics.fmean(s.forward_s for s in decode) if decode else None,
+            "mean_decode_tokproc_ms": 1000 * statistics.fmean(s.tokproc_s for s in decode) if decode else None,
             "mean_decode_ms": 1000 * statistics.fmean(s.duration_s for s in decode) if decode else None,
             "mean_decode_batch": statistics.fmean(s.batch_size for s in decode) if decode else None,
             "busy_fraction": sum(s.duration_s for s in steps) / wall}
+
+
+def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> dict:
+    """Where a decode step's time goes at `batch` rows: the graph replay alone (device events), whole engine steps
+    (wall), the host part (cProfile, top functions) and the device kernels (torch.profiler, top by CUDA time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from runtime.engine.core import EngineCore
+
+    core = EngineCore(EngineConfig(model_path=str(path), dtype="bfloat16", device=DEVICE, engine="native",
+                                   load_format="dummy", max_batch_size=256, max_sequence_length=2304,
+                                   compile=compile_model))
+    try:
+        rng = random.Random(2)
+        for i in range(batch):
+            core.add(EngineRequest(f"p{i}", [rng.randrange(16, 1000) for _ in range(512)],
+                                   GenerationParams(max_new_tokens=1500, min_new_tokens=1500)))
+        core._drain_inbox(block=False)
+        while len(core.scheduler.running) < batch or any(s.to_compute > 1 for s in core.scheduler.running):
+            core.step()
+        for _ in range(5):
+            core.step()
+        sync()
+        graphs = core.runner.graphs
+        out: dict = {"batch": batch, "compile": compile_model}
+        if graphs is not None:
+            size = next(s for s in graphs.sizes if s >= batch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                graphs.graphs[size].replay()
+            end.record()
+            sync()
+            out["graph_replay_ms"] = start.elapsed_time(end) / 20
+        t0 = time.perf_counter()
+        for _ in range(20):
+            core.step()
+        sync()
+        out["engine_step_ms"] = (time.perf_counter() - t0) * 1000 / 20
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            core.step()
+        sync()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        out["host_profile"] = text.getvalue()[-6000:]
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                core.step()
+            sync()
+        out["device_profile"] = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)[-8000:]
+        return out
+    finally:
+        core.shutdown()
+        core.runner.close()
+        del core
+        release()
 
 
 def prefix_phase(path: Path, caching: bool) -> dict:
@@ -263,6 +365,8 @@ def prefix_phase(path: Path, caching: bool) -> dict:
                 "query_tokens": sum(s.prefix_cache_queries for s in steps)}
     finally:
         engine.shutdown()
+        del engine
+        release()
 
 
 def hf_throughput(path: Path, items) -> dict:
@@ -285,7 +389,8 @@ def hf_throughput(path: Path, items) -> dict:
         return throughput(engine, items, "hf")
     finally:
         engine.shutdown()
-        del model, loaded
+        del model, loaded, engine
+        release()
 
 
 # ---- server ---------------------------------------------------------------------------------------------------
@@ -413,8 +518,24 @@ def main() -> None:
             finally:
                 engine.shutdown()
                 del engine
-                if DEVICE == "cuda":
-                    torch.cuda.empty_cache()
+                release()
+        for flag in ("profile", "profile_compiled"):
+            if flag in phases:
+                results[flag] = profile_phase(big, 128 if DEVICE == "cuda" else 4, flag.endswith("compiled"))
+                log(flag, {k: v for k, v in results[flag].items() if not k.endswith("profile")})
+                log(results[flag]["host_profile"])
+                log(results[flag]["device_profile"])
+                save()
+        if "decode_compiled" in phases:
+            engine = big_engine(big, compile=True)
+            try:
+                results["decode_bs1_compiled"] = decode_phase(big, engine)
+                log("decode compiled", json.dumps(results["decode_bs1_compiled"]))
+                save()
+            finally:
+                engine.shutdown()
+                del engine
+                release()
         if "prefix" in phases:
             results["prefix"] = {"caching": prefix_phase(big, True), "no_caching": prefix_phase(big, False)}
             log("prefix", json.dumps(results["prefix"]))

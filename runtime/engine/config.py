@@ -29,7 +29,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks (processes) the model is split across
     cuda_memory_fraction: float = 1.0  # per-process cap (TGIS CUDA_PROCESS_MEMORY_FRACTION), set where the model runs
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (native runner on CUDA)
-    compile: bool = False  # torch.compile the native model (TGIS PT2_COMPILE)
+    compile: bool | None = None  # torch.compile the native model (TGIS PT2_COMPILE); None: on CUDA only
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     load_format: str = "auto"  # "dummy": random weights of the configured shape (benchmarks)
     debug_checks: bool = False  # verify KV block invariants after every step (tests)

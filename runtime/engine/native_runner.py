@@ -74,8 +74,8 @@ class NativeRunner:
         self.lora: NativeLoraManager | None = None
         self.graphs = None
         self.sharded = dist.is_initialized() and dist.get_world_size() > 1
-        if config.compile:
-            self.model.compile()
+        if config.compile or (config.compile is None and self.device.type == "cuda"):
+            self.model.compile()  # fuses the norms, rotary, activation and residuals between the kernels
 
     # ---- KV cache ----------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -131,7 +131,7 @@ class NativeRunner:
         caches = torch.zeros(len(self.model.layers), 2, 1, self.block_size, attn.kv_heads, attn.head_dim,
                              dtype=self.dtype, device=self.device)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(tokens, device=self.device)
+        positions = torch.arange(tokens, device=self.device) % self.model.cos.shape[0]
         meta = AttentionMetadata(slot_mapping=torch.zeros_like(ids),
                                  block_tables=torch.zeros(1, -(-tokens // self.block_size), dtype=torch.int32,
                                                           device=self.device),
@@ -258,5 +258,7 @@ class NativeRunner:
             start += n
 
     def close(self) -> None:
-        """Nothing to release: the model and caches go with the object."""
+        """Let go of the KV cache and the graphs now: their memory should not wait for the last reference."""
+        self.caches = self.graphs = None
+        self.states.clear()
 
