@@ -85,9 +85,11 @@ class DecoderLayer(nn.Module):
         h = self.mlp(self.post_attention_norm(x))
         return x + (h if m == 1.0 else h * m)
 
-    def forward(self, x, cos, sin, cache, meta, backend) -> torch.Tensor:
-        q, k, v = self.before_attention(x, cos, sin)
-        return self.after_attention(x, backend(q, k, v, cache, meta, self.attn.scale, self.attn.window))
+    def forward(self, x, cos, sin, cache, meta, backend, stages=None) -> torch.Tensor:
+        """`stages`: compiled (before, after) functions of (layer, tensors), shared by every layer."""
+        before, after = stages or (DecoderLayer.before_attention, DecoderLayer.after_attention)
+        q, k, v = before(self, x, cos, sin)
+        return after(self, x, backend(q, k, v, cache, meta, self.attn.scale, self.attn.window))
 
 
 class NativeCausalLM(nn.Module):
@@ -102,6 +104,7 @@ class NativeCausalLM(nn.Module):
         self.lm_head: nn.Module = nn.Identity()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.stages = None  # compiled per-layer stages (`compile`)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -117,7 +120,7 @@ class NativeCausalLM(nn.Module):
         blocks, block_size, KVH, D]. Returns the final-norm hidden states [T, hidden]."""
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, cache, meta, backend)
+            x = layer(x, cos, sin, cache, meta, backend, self.stages)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -126,10 +129,14 @@ class NativeCausalLM(nn.Module):
         return out if s == 1.0 else out / s
 
     def compile(self) -> None:
-        """torch.compile the tensor code of every layer (TGIS PT2_COMPILE); attention kernels stay eager."""
-        for layer in self.layers:
-            layer.before_attention = torch.compile(layer.before_attention, dynamic=True)
-            layer.after_attention = torch.compile(layer.after_attention, dynamic=True)
+        """torch.compile the tensor code between the attention kernels (TGIS PT2_COMPILE): norms, rotary, activation
+        and residual adds fuse into a few kernels per layer. The stages are functions of (layer, tensors), so one
+        compilation serves every layer (weights are graph inputs, not constants); the token count stays dynamic."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.stages = (torch.compile(DecoderLayer.before_attention, dynamic=True),
+                       torch.compile(DecoderLayer.after_attention, dynamic=True))
 
     def projections(self) -> list[dict[str, Projection]]:
         """Per layer, the projections LoRA adapters can target."""
