@@ -52,7 +52,9 @@ def health_metrics_app(check_health: Callable[[], Coroutine[None, None, bool]], 
         return Response(status_code=exc.status_code, headers=exc.headers)
 
     routes = [Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]), *mounts]
-    return Starlette(routes=routes, exception_handlers={HTTPException: bare})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: bare})
+    app.router.redirect_slashes = False  # `/health/` is another path: 404, as in TGIS
+    return app
 
 
 class _IdleClosingH11(H11Protocol):
