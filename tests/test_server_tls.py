@@ -1,6 +1,7 @@
-"""TLS and mutual TLS on the gRPC port and on the HTTP port (/health, /metrics, the OpenAI API: unlike TGIS, whose
-HTTP port stays plain), and start-up failures (bad options, unreadable TLS files) that must exit non-zero with
-TGIS' message in the termination log."""
+"""TLS and mutual TLS on the gRPC port and on the HTTP port (unlike TGIS, whose HTTP port stays plain: here it
+carries the OpenAI API; with mutual TLS, /health and /metrics still answer clients without a certificate, such as
+kubelet probes), and start-up failures (bad options, unreadable TLS files) that must exit non-zero with TGIS'
+message in the termination log."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def pki(tmp_path_factory):
     https_client = ssl.create_default_context()
     ca.configure_trust(https_client)
     client.configure_cert(https_client)
-    return paths, creds, (https, https_client)
+    https_stranger = ssl.create_default_context()  # a client certificate from another CA
+    ca.configure_trust(https_stranger)
+    trustme.CA().issue_cert("stranger.example").configure_cert(https_stranger)
+    return paths, creds, (https, https_client, https_stranger)
 
 
 def _model_info(target: str, credentials: grpc.ChannelCredentials | None) -> pb.ModelInfoResponse:
@@ -48,7 +52,7 @@ def _model_info(target: str, credentials: grpc.ChannelCredentials | None) -> pb.
 
 
 def test_tls_and_mtls(tiny_model, pki, tmp_path):
-    paths, client, (https, https_client) = pki
+    paths, client, (https, https_client, https_stranger) = pki
     model = tiny_model("gpt2")
     tls = ("--tls-cert-path", str(paths["cert"]), "--tls-key-path", str(paths["key"]))
     with running_server(model, tmp_path / "tls", *tls, http_ssl=https) as server:
@@ -68,8 +72,13 @@ def test_tls_and_mtls(tiny_model, pki, tmp_path):
             _model_info(server.target, grpc.ssl_channel_credentials(client["root_certificates"]))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.http("/health") == (200, b"")  # HTTPS with the client's certificate
-        with pytest.raises((OSError, http.client.HTTPException)):  # HTTPS without a client certificate
-            http_get(server.http_port, "/health", timeout=TIMEOUT, context=https)
+        assert server.http("/v1/models")[0] == 200
+        anonymous = http_get(server.http_port, "/v1/models", timeout=TIMEOUT, context=https)
+        assert anonymous[0] == 401 and b"a client certificate is required" in anonymous[1]
+        for path in ("/health", "/metrics"):  # probes and scrapes present no certificate
+            assert http_get(server.http_port, path, timeout=TIMEOUT, context=https)[0] == 200
+        with pytest.raises(OSError):  # a certificate the client CA did not sign fails the handshake
+            http_get(server.http_port, "/health", timeout=TIMEOUT, context=https_stranger)
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [

@@ -188,7 +188,7 @@ async def _run_servers(config: ServerConfig, engine, credentials, http_ssl, max_
     await server.start()
     for name in HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    openai = OpenAIApi(front, config.model_name or DEFAULT_MODEL_NAME)
+    openai = OpenAIApi(front, config.model_name or DEFAULT_MODEL_NAME, bool(config.tls_client_ca_cert_path))
     http = HttpServer(health_metrics_app(engine.check_health, metrics.render, [openai.route()]), config.host,
                       config.port, http_ssl, config.shutdown_grace_period)
     await http.start()

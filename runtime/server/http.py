@@ -3,12 +3,14 @@ ASGI apps (the OpenAI API under `/v1`), all served by uvicorn in the server's ow
 
 One event loop serves every connection, so idle clients cost a socket, not a thread; a connection idle for
 `IDLE_TIMEOUT_S` (before its first request or between requests) is closed. Any other path is a bare 404, as in TGIS.
+Over TLS, each request's scope carries the ASGI `tls` extension with the verified client certificate, if any.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -57,19 +59,36 @@ def health_metrics_app(check_health: Callable[[], Coroutine[None, None, bool]], 
     return app
 
 
-class _IdleClosingH11(H11Protocol):
-    """uvicorn closes a keep-alive connection only once it has answered on it; this also closes a connection that
-    does not complete a request head within the idle timeout of opening or of its last response."""
+def client_certificate(scope) -> str | None:
+    """The verified client certificate (PEM) of the connection a request came on, None without one."""
+    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
+    return chain[0] if chain else None
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus: (1) uvicorn closes a keep-alive connection only once it has answered on it;
+    this also closes a connection that does not complete a request head within the idle timeout of opening or of
+    its last response; (2) the client certificate of a TLS connection is put in the scope (uvicorn omits it)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [], "client_cert_error": None}
+            self.app = functools.partial(_with_tls_extension, self.app, tls)
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
         self.handle_events()
         if self.cycle is not None and not self.cycle.response_complete:  # a request is being served
             self._unset_keepalive_if_required()
+
+
+async def _with_tls_extension(app, tls: dict, scope, receive, send) -> None:
+    scope.setdefault("extensions", {})["tls"] = tls
+    await app(scope, receive, send)
 
 
 class _Server(uvicorn.Server):
@@ -85,7 +104,7 @@ class HttpServer:
     def __init__(self, app, host: str, port: int, ssl_context: ssl.SSLContext | None = None, grace_s: float = 30.0):
         self._host, self._requested_port = host, port
         self._server = _Server(uvicorn.Config(
-            app, http=_IdleClosingH11, lifespan="off", log_config=None, log_level="warning", access_log=False,
+            app, http=_Protocol, lifespan="off", log_config=None, log_level="warning", access_log=False,
             timeout_keep_alive=IDLE_TIMEOUT_S, timeout_graceful_shutdown=grace_s,
             ssl_context_factory=(lambda config, default: ssl_context) if ssl_context else None))
         self._socket: socket.socket | None = None

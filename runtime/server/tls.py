@@ -1,5 +1,7 @@
-"""Server TLS: gRPC credentials, and the HTTP port's SSL context from the same files (spec §4.5; unlike TGIS, whose
-HTTP port stays plain, the HTTP port here also carries the OpenAI API, so it gets the same TLS / mutual TLS)."""
+"""Server TLS: gRPC credentials, and the HTTP port's SSL context from the same files (spec §4.5). Unlike TGIS, whose
+HTTP port stays plain, the HTTP port here also carries the OpenAI API, so it gets TLS too; with a client CA, the
+OpenAI API requires a client certificate while /health and /metrics do not (kubelet probes and Prometheus scrapes
+present none, as they reach TGIS' plain port)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def server_credentials(cert_path: str | None, key_path: str | None,
 
 def http_ssl_context(cert_path: str | None, key_path: str | None,
                      client_ca_path: str | None) -> ssl.SSLContext | None:
-    """None for plaintext; with a client CA, client certificates are required and verified (mutual TLS). Files
-    that do not hold a usable certificate, key or CA fail here, at start, with the reason."""
+    """None for plaintext. With a client CA, a client certificate is asked for and, when presented, verified
+    against it (a bad one fails the handshake); the HTTP app decides which paths need one. Files that do not hold
+    a usable certificate, key or CA fail here, at start, with the reason."""
     if not cert_path or not key_path:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -46,5 +49,5 @@ def http_ssl_context(cert_path: str | None, key_path: str | None,
             context.load_verify_locations(cafile=client_ca_path)
         except (OSError, ssl.SSLError) as exc:
             raise TLSError(f"tls: invalid client ca cert {client_ca_path}: {exc}") from exc
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context

@@ -23,6 +23,7 @@ from starlette.routing import Mount, Route
 
 from runtime.engine.request import RequestOutput, StopReason
 from runtime.server.frontend import Checked, FrontEnd, Input, Overloaded
+from runtime.server.http import client_certificate
 from runtime.server.openai_api.params import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ApiError,
@@ -94,8 +95,28 @@ def _message_text(message: ChatMessage) -> str:
     return "".join(part.text or "" for part in message.content)
 
 
+class _ClientCertificateRequired:
+    """Mutual TLS for the API: the TLS layer admits connections without a client certificate (for /health and
+    /metrics), so the API itself refuses requests that came without one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and client_certificate(scope) is None:
+            refusal = ApiError(401, "a client certificate is required (mutual TLS)",
+                               code="client_certificate_required", kind="authentication_error")
+            await error_response(refusal)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class OpenAIApi:
-    def __init__(self, front: FrontEnd, model_name: str):
+    """`require_client_certificate` (mutual TLS configured): a request without a verified client certificate gets
+    401."""
+
+    def __init__(self, front: FrontEnd, model_name: str, require_client_certificate: bool = False):
+        self.require_client_certificate = require_client_certificate
         self.front = front
         self.engine = front.engine
         self.tokenizer = front.tokenizer
@@ -104,7 +125,8 @@ class OpenAIApi:
 
     def route(self) -> Mount:
         """The API under `/v1`, for the HTTP port's app."""
-        return Mount("/v1", app=self.app())
+        app = self.app()
+        return Mount("/v1", app=_ClientCertificateRequired(app) if self.require_client_certificate else app)
 
     def app(self) -> Starlette:
         routes = [Route("/completions", self.completions, methods=["POST"]),
