@@ -141,7 +141,7 @@ class ServerConfig:
                                            explicit_bool=True)
     # network
     host: str = _opt("0.0.0.0", "--host", env="HOST", help="Address both listeners bind to.")
-    port: int = _opt(3000, "--port", "-p", env="PORT", help="HTTP port of /health and /metrics.",
+    port: int = _opt(3000, "--port", "-p", env="PORT", help="HTTP port of /health, /metrics and the OpenAI API (/v1).",
                      check=(_port, "port ({value}) must be in 1..65535"))
     grpc_port: int = _opt(8033, "--grpc-port", "-g", env="GRPC_PORT", help="gRPC port (fmaas.GenerationService).",
                           check=(_port, "grpc_port ({value}) must be in 1..65535"))

@@ -1,5 +1,6 @@
 """`tgis serve` with the real SmolLM2-135M-Instruct (float32, S=200, max_new_tokens 169, as TGIS' own tests):
-greedy parity with transformers, TOKEN_LIMIT clamping, and a graceful SIGTERM during a running stream."""
+greedy parity with transformers, TOKEN_LIMIT clamping, the README's gRPC and OpenAI client examples (a real chat
+answer through the chat template), and a graceful SIGTERM during a running stream."""
 
 from __future__ import annotations
 
@@ -70,6 +71,18 @@ def test_readme_python_client_works(server):
                          capture_output=True, text=True, timeout=T)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_readme_openai_client_works(server, smollm2_dir):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("### OpenAI API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "localhost:3000" in block and 'model="SmolLM2-135M-Instruct"' in block
+    block = block.replace("localhost:3000", f"127.0.0.1:{server.http_port}").replace(
+        'model="SmolLM2-135M-Instruct"', f"model={str(smollm2_dir)!r}")  # served under the path it was given
+    out = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=T)
+    assert out.returncode == 0, out.stderr
+    chat, completion = out.stdout.split("\n", 1)
+    assert "Paris" in chat and "Paris" in completion
 
 
 def test_sigterm_lets_the_running_stream_finish_then_exits_0(server, stub):

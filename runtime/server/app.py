@@ -21,13 +21,16 @@ from grpc_reflection.v1alpha import reflection
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.config import ConfigError, ServerConfig
+from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.engine.config import EngineConfig
 from runtime.hub import resolve_model_or_default
 from runtime.models.prefixes import PrefixStore
+from runtime.server.frontend import FrontEnd
 from runtime.server.grpc_service import GenerationServicer
-from runtime.server.http import HealthMetricsServer
+from runtime.server.http import HttpServer, health_metrics_app
 from runtime.server.metrics import Metrics
-from runtime.server.tls import server_credentials
+from runtime.server.openai_api.service import OpenAIApi
+from runtime.server.tls import http_ssl_context, server_credentials
 
 log = logging.getLogger("tgis.server")
 
@@ -149,6 +152,7 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     config.validate()
     credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    http_ssl = http_ssl_context(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
     model_dir = resolve_model_or_default(config.model_name, config.revision)
     max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
 
@@ -159,18 +163,19 @@ async def _serve(config: ServerConfig) -> int:
                                      functools.partial(configure_logging, config.json_output))
     log.info("Model %s loaded in %.1f s", model_dir, time.monotonic() - started)
     try:
-        return await _run_servers(config, engine, credentials, max_new_tokens, stop)
+        return await _run_servers(config, engine, credentials, http_ssl, max_new_tokens, stop)
     finally:
         engine.shutdown()
 
 
-async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens: int, stop: asyncio.Event) -> int:
+async def _run_servers(config: ServerConfig, engine, credentials, http_ssl, max_new_tokens: int,
+                       stop: asyncio.Event) -> int:
     metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
     engine.add_step_listener(metrics.on_step)
+    front = FrontEnd(engine, metrics, max_new_tokens, config.max_concurrent_requests)  # shared by gRPC and HTTP
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
-        engine, metrics, max_new_tokens, config.max_concurrent_requests, config.default_include_stop_seqs,
-        prefix_store(config, engine)), server)
+        front, config.default_include_stop_seqs, prefix_store(config, engine)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -183,19 +188,19 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     await server.start()
     for name in HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    http = HealthMetricsServer(config.host, config.port, asyncio.get_running_loop(), engine.check_health,
-                               metrics.render)
-    http.start()
-    log.info("Serving %s on %s (%s) and /health, /metrics on %s:%d", SERVICE_NAME, address,
-             "mTLS" if config.tls_client_ca_cert_path else "TLS" if credentials else "plaintext", config.host,
-             http.port)
+    openai = OpenAIApi(front, config.model_name or DEFAULT_MODEL_NAME, bool(config.tls_client_ca_cert_path))
+    http = HttpServer(health_metrics_app(engine.check_health, metrics.render, [openai.route()]), config.host,
+                      config.port, http_ssl, config.shutdown_grace_period)
+    await http.start()
+    log.info("Serving %s on %s and /health, /metrics, the OpenAI API (/v1, model %s) on %s:%d (%s)", SERVICE_NAME,
+             address, openai.model_name, config.host, http.port,
+             "mTLS" if config.tls_client_ca_cert_path else "TLS" if credentials else "plaintext")
     code = await _until_stop_or_failure(engine, stop)
     if code:
         write_termination_log(config.termination_log_path, engine.failure)
     log.info("Shutting down: finishing in-flight requests (grace period %.0f s)", config.shutdown_grace_period)
     await health_servicer.enter_graceful_shutdown()
-    await asyncio.to_thread(http.stop)
-    await server.stop(config.shutdown_grace_period)
+    await asyncio.gather(http.stop(), server.stop(config.shutdown_grace_period))
     log.info("Shutdown complete")
     return code
 
