@@ -11,6 +11,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.detokenizer import DetokenizationError, TokenizerInfo
+from runtime.engine.guided import GrammarCompiler, GrammarState
+from runtime.engine.guided_spec import GuidedSpecError
 from runtime.engine.kv_cache import KVCacheManager, bytes_per_slot, size_capacity
 from runtime.engine.model_runner import Batch, ModelRunner, PrefillItem, layer_groups
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
@@ -71,6 +74,17 @@ class Shutdown:
     """Inbox message: leave the loop (after the messages before it)."""
 
 
+@dataclass
+class GrammarReady:
+    """Inbox message (from the grammar compiler's pool): a guided request's grammar compiled, or failed to."""
+
+    request_id: str
+
+
+class GrammarRejected(Exception):
+    """The grammar refused the sampled token (it cannot when its mask was applied): fails that request alone."""
+
+
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
     """(metrics reason, client-facing detail) for a failed forward."""
     if isinstance(exc, torch.OutOfMemoryError):
@@ -95,6 +109,8 @@ class EngineCore:
                                     or DEFAULT_MAX_SEQUENCE_LENGTH)
         self.start_id = lm.decoder_start_token_id if lm.is_encoder_decoder else None
         self.sampler = Sampler(lm.eos_token_id, lm.vocab_size)
+        self.grammars = GrammarCompiler(lm.tokenizer, lm.vocab_size, lm.eos_token_id)
+        self.compiling: dict[str, tuple[Sequence, Future]] = {}  # guided requests waiting for their grammar
         self.tok_info = TokenizerInfo.from_tokenizer(
             lm.tokenizer, seq2seq=lm.is_encoder_decoder, output_special_tokens=config.output_special_tokens,
             eos_token_id=lm.eos_token_id)
@@ -148,6 +164,7 @@ class EngineCore:
                     log.exception("engine step failed")
                     self._fail_all(_failure_reason(exc)[1])
         finally:
+            self.grammars.close()
             self.runner.close()
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -162,6 +179,8 @@ class EngineCore:
                 return False
             if isinstance(msg, Abort):
                 self._abort(msg.request_id)
+            elif isinstance(msg, GrammarReady):
+                self._grammar_ready(msg.request_id)
             else:
                 self._admit(msg)
 
@@ -173,6 +192,23 @@ class EngineCore:
             self.emit([RequestOutput(request.request_id, finished=True, stop_reason=StopReason.ERROR,
                                      error=_failure_reason(exc)[1])])
             return
+        if request.params.guided is None:
+            self.scheduler.add(seq)
+            return
+        # compiled in the pool (at once from the cache); the request joins the queue when its grammar is ready
+        future = self.grammars.compile(request.params.guided)
+        self.compiling[seq.id] = (seq, future)
+        future.add_done_callback(lambda _: self.inbox.put(GrammarReady(seq.id)))
+
+    def _grammar_ready(self, request_id: str) -> None:
+        seq, future = self.compiling.pop(request_id, (None, None))
+        if seq is None:  # aborted while compiling
+            return
+        try:
+            seq.guide = GrammarState(future.result())
+        except GuidedSpecError as exc:  # the front end compiled it once already: only a differing library gets here
+            self.emit([self._error_output(seq, str(exc))])
+            return
         self.scheduler.add(seq)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
@@ -182,6 +218,8 @@ class EngineCore:
         return Sequence(request, stream, gen)
 
     def _abort(self, request_id: str) -> None:
+        if self.compiling.pop(request_id, None) is not None:
+            return
         seq = self.scheduler.find(request_id)
         if seq is None:
             return
@@ -260,17 +298,18 @@ class EngineCore:
 
     def _sample_and_advance(self, seqs: list[Sequence], logits: torch.Tensor,
                             prompt_logits: list[torch.Tensor | None] | None, started: float) -> list[RequestOutput]:
-        rows = [SamplerRow(s.params, len(s.generated), self._history(s), s.generator) for s in seqs]
+        rows = [SamplerRow(s.params, len(s.generated), self._history(s), s.generator, s.guide) for s in seqs]
         result = self.sampler(logits, rows)
         now = time.monotonic()
         outputs = []
         for i, seq in enumerate(seqs):
             try:
                 out = self._advance(seq, result.token_ids[i], result.details[i], now)
-            except DetokenizationError as exc:  # fails this request alone (spec §3.2)
+            except (DetokenizationError, GrammarRejected) as exc:  # fails this request alone (spec §3.2)
                 seq.status = SeqStatus.FINISHED
+                stage = "detokenization" if isinstance(exc, DetokenizationError) else "generation"
                 out = RequestOutput(seq.id, generated_token_count=len(seq.generated), finished=True,
-                                    stop_reason=StopReason.ERROR, error=str(exc), error_stage="detokenization")
+                                    stop_reason=StopReason.ERROR, error=str(exc), error_stage=stage)
             if seq.params.input_tokens and not seq.input_details_sent:
                 out.input_tokens = self._input_details(seq, None if prompt_logits is None else prompt_logits[i])
                 seq.input_details_sent = True
@@ -289,15 +328,19 @@ class EngineCore:
         return input_token_details(prompt_logits[: len(ids)], ids, seq.params)
 
     def _advance(self, seq: Sequence, token: int, detail: TokenDetail | None, now: float) -> RequestOutput:
-        """Append one token and apply TGIS' stop-reason precedence (§1.11)."""
+        """Append one token and apply TGIS' stop-reason precedence (§1.11). A guided sequence whose grammar
+        accepted EOS has finished, even before min_new_tokens (the grammar allowed nothing else)."""
         p = seq.params
+        if seq.guide is not None and not seq.guide.accept(token):
+            raise GrammarRejected(f"the grammar rejected token {token}")
         seq.generated.append(token)
         n = len(seq.generated)
-        eos = token == self.loaded.eos_token_id
+        grammar_done = seq.guide is not None and seq.guide.finished
+        eos = token == self.loaded.eos_token_id or grammar_done
         reason = None
         if seq.deadline_passed(now):
             reason = StopReason.TIME_LIMIT
-        elif n < p.min_new_tokens:
+        elif n < p.min_new_tokens and not grammar_done:
             pass
         elif eos:
             reason = StopReason.EOS_TOKEN

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.engine.guided import GrammarState
 from runtime.engine.model_runner import PrefillItem
 from runtime.engine.request import EngineRequest, GenerationParams
 from runtime.engine.stopping import DecodeStream
@@ -30,6 +31,7 @@ class Sequence:
     first_scheduled: float | None = None  # when it first entered a batch (queue time ends here)
     input_details_sent: bool = False
     aborted: bool = False
+    guide: GrammarState | None = None  # guided decoding: set (compiled) before the sequence is scheduled
 
     @property
     def id(self) -> str:

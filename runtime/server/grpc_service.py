@@ -25,6 +25,7 @@ from runtime.engine.inputs import prepare_input
 from runtime.engine.lora import LoraRef, find_lora
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
 from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
+from runtime.server.guided import check_compiles, proto_guided_spec
 from runtime.server.metrics import Metrics
 from runtime.server.validation import ValidationError, check_length, convert_params, validate_params, with_seed
 from runtime.tokenization import tokenize
@@ -177,8 +178,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gp = convert_params(request.params if has_params else None, self.default_include_stop_seqs,
                                 time.monotonic())
             gp.stream = stream
-            guided = request.params.decoding.WhichOneof("guided") if has_params else None
-            validate_params(gp, self.max_new_tokens, guided)
+            validate_params(gp, self.max_new_tokens)
+            gp.guided = proto_guided_spec(request.params.decoding) if has_params else None
             adapter_id = request.adapter_id or request.prefix_id
             lora = self._lora(adapter_id)
             prefix = None if lora else await self._prefix(adapter_id)
@@ -192,6 +193,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self.metrics.observe("tgi_request_raw_input_length", prepared.raw_length)
                 checked.append((text, prepared, check_length(gp, prepared.input_length, self.max_sequence_length,
                                                              prefix_length)))
+            if gp.guided is not None:  # last: the only check that can take milliseconds
+                await check_compiles(self.engine.grammars, gp.guided)
         except ValidationError as exc:
             self.metrics.inc("tgi_request_failure", err="validation")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
