@@ -15,7 +15,13 @@ import lark
 import pytest
 import torch
 
-from runtime.engine.guided import GrammarCompiler, apply_grammars, apply_token_bitmask, unpack_and_apply
+from runtime.engine.guided import (
+    GrammarCompiler,
+    GrammarState,
+    apply_grammars,
+    apply_token_bitmask,
+    unpack_and_apply,
+)
 from runtime.engine.guided_spec import GuidedSpecError, choice_grammar, guided_spec
 from runtime.engine.request import EngineRequest, GenerationParams, StopReason
 
@@ -229,6 +235,21 @@ def test_grammar_that_can_only_end_gets_eos_back_despite_min_new_tokens():
     assert scores[0, 2] == 0.0 and torch.isinf(scores[0]).sum() == 63
     assert torch.equal(scores[1, 3:], original[1, 3:]) and scores[1, 2] == -math.inf  # unguided: untouched
     assert torch.isinf(scores[2]).all()  # not EOS-blocked here: the EOS score stays what min_new_tokens left
+
+
+def test_masks_cover_the_logits_width_not_the_tokenizer(engine):
+    """A padded LM head (here 13 rows past the tokenizer, not a multiple of 32): the mask is as wide as the logits
+    and never allows the padding rows."""
+    width = len(engine.tokenizer) + 13
+    compiler = GrammarCompiler(engine.tokenizer, width, engine.eos_token_id)
+    try:
+        state = GrammarState(compiler.compile(guided_spec("regex", "[a-z]+")).result())
+        scores = torch.zeros(1, width)
+        apply_grammars(scores, [state], engine.eos_token_id, [])
+        assert torch.isinf(scores[0, len(engine.tokenizer):]).all()
+        assert (scores[0] == 0).sum() > 20  # the letters' tokens
+    finally:
+        compiler.close()
 
 
 def test_compiler_is_lazy_and_caches_by_spec(engine):

@@ -16,6 +16,7 @@ from test_engine import MAX_NEW, PROMPTS
 from proto import generation_pb2 as pb
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
+from runtime.engine.guided_spec import guided_spec
 from runtime.engine.lora import LoraRef
 
 T = 120
@@ -57,6 +58,19 @@ def test_lora_rows_match_merged_models_in_one_batch(store):
         assert res.token_ids == want, (req.request_id, name)
         changed += want != base
     assert changed >= 3, "the adapters must actually change the output"
+
+
+def test_guided_rows_with_adapters(store):
+    root, engine, _ = store
+    choices = ["alpha", "beta", "gamma"]
+    spec = guided_spec("choice", choices)
+    reqs = []
+    for text, name in zip(PROMPTS, [None, "attn", "mlp", "attn"], strict=False):
+        req = request(engine, text, max_new_tokens=12, guided=spec)
+        req.lora = None if name is None else LoraRef(f"loras/{name}", str(root / "loras" / name))
+        reqs.append(req)
+    for res in run(engine, reqs):
+        assert res.final.output_text in choices
 
 
 @pytest.mark.timeout(300)
