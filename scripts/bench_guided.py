@@ -1,8 +1,10 @@
 """Guided decoding's cost per engine step: the same chat workload with and without a grammar, in-process engine.
 
     python scripts/bench_guided.py [--option json_schema] [--requests 32] [--concurrency 16] [--rounds 2]
-Runs unguided and guided rounds alternately (the machine's noise hits both alike) and prints, per mode, output
-tokens/s, the mean decode-step time at full batch and its token-processing part (sampling, grammar masks, text).
+Runs guided and unguided rounds alternately (the machine's noise hits both alike); each unguided request is forced
+to the length its guided twin reached, so both modes generate the same tokens per request and batches evolve alike.
+Prints, per mode, output tokens/s, the mean decode-step time at full batch and its token-processing part (sampling,
+grammar masks, detokenization).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ PROMPTS = ["Describe a fictional person as JSON.", "Invent a character and give 
            "Write a JSON entry for a chef who lives in Paris.", "Profile of a musician, as JSON."]
 
 
-def run_round(engine: AsyncEngine, spec, args, tag: str) -> dict[str, float]:
+def run_round(engine: AsyncEngine, spec, lengths: list[int] | None, args, tag: str) -> tuple[dict, list[int]]:
+    """One round of `args.requests` requests: guided (`spec`, up to max_new_tokens) or forced to `lengths`."""
     steps = []
     engine.add_step_listener(steps.append)
     tok = engine.tokenizer
@@ -40,23 +43,24 @@ def run_round(engine: AsyncEngine, spec, args, tag: str) -> dict[str, float]:
         sem = asyncio.Semaphore(args.concurrency)
 
         async def one(i: int) -> int:
+            n = args.max_new_tokens if lengths is None else lengths[i]
             req = EngineRequest(f"{tag}-{i}", ids[i % len(ids)], GenerationParams(
-                max_new_tokens=args.max_new_tokens, guided=spec, temperature=0.7, seed=i))
+                max_new_tokens=n, min_new_tokens=0 if lengths is None else n, guided=spec, temperature=0.7, seed=i))
             async with sem:
                 async for out in engine.generate(req):
                     if out.error:
                         raise RuntimeError(out.error)
             return out.generated_token_count
 
-        return sum(await asyncio.gather(*(one(i) for i in range(args.requests))))
+        return list(await asyncio.gather(*(one(i) for i in range(args.requests))))
 
     t0 = time.perf_counter()
-    tokens = asyncio.run(main())
+    counts = asyncio.run(main())
     duration = time.perf_counter() - t0
     engine.listeners.remove(steps.append)
     full = [s for s in steps if s.method == "next_token" and s.batch_size == args.concurrency]
-    return {"tokens_per_s": tokens / duration, "step_ms": 1e3 * statistics.fmean(s.duration_s for s in full),
-            "tokproc_ms": 1e3 * statistics.fmean(s.tokproc_s for s in full), "full_steps": len(full)}
+    return {"tokens_per_s": sum(counts) / duration, "step_ms": 1e3 * statistics.fmean(s.duration_s for s in full),
+            "tokproc_ms": 1e3 * statistics.fmean(s.tokproc_s for s in full), "full_steps": len(full)}, counts
 
 
 def main() -> None:
@@ -71,12 +75,13 @@ def main() -> None:
                                       max_batch_size=args.concurrency))
     spec = example_spec(args.option)
     engine.grammars.compile(spec).result()  # compile cost is not a per-step cost
-    results: dict[str, list[dict[str, float]]] = {"unguided": [], "guided": []}
+    results: dict[str, list[dict[str, float]]] = {"guided": [], "unguided": []}
     try:
-        run_round(engine, None, args, "warm")
+        run_round(engine, None, [8] * args.requests, args, "warm")
         for r in range(args.rounds):
-            for mode in results:
-                results[mode].append(run_round(engine, spec if mode == "guided" else None, args, f"{mode}{r}"))
+            guided, lengths = run_round(engine, spec, None, args, f"guided{r}")
+            results["guided"].append(guided)
+            results["unguided"].append(run_round(engine, None, lengths, args, f"unguided{r}")[0])
     finally:
         engine.shutdown()
     for mode, rounds in results.items():

@@ -20,7 +20,6 @@ import torch
 from runtime.engine.config import EngineConfig
 from runtime.engine.detokenizer import DetokenizationError, TokenizerInfo
 from runtime.engine.guided import GrammarCompiler, GrammarState
-from runtime.engine.guided_spec import GuidedSpecError
 from runtime.engine.kv_cache import KVCacheManager, bytes_per_slot, size_capacity
 from runtime.engine.model_runner import Batch, ModelRunner, PrefillItem, layer_groups
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
@@ -206,7 +205,8 @@ class EngineCore:
             return
         try:
             seq.guide = GrammarState(future.result())
-        except GuidedSpecError as exc:  # the front end compiled it once already: only a differing library gets here
+        except Exception as exc:  # noqa: BLE001 - the front end compiled it already; whatever failed here fails it alone
+            log.error("grammar for %s failed in the engine: %s", request_id, exc)
             self.emit([self._error_output(seq, str(exc))])
             return
         self.scheduler.add(seq)

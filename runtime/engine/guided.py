@@ -63,7 +63,7 @@ class GrammarCompiler:
         """A future of the compiled grammar; it raises GuidedSpecError with the library's reason."""
         with self._lock:
             future = self._cache.get(spec)
-            if future is None:
+            if future is None or future.cancelled():  # cancelled only by close()
                 future = self._cache[spec] = self._pool.submit(self._compile, spec)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
@@ -76,8 +76,12 @@ class GrammarCompiler:
             if self._compiler is None:
                 xgr = _xgr()
                 stop = None if self.eos_token_id is None else [self.eos_token_id]
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=stop)
+                try:
+                    info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                              stop_token_ids=stop)
+                except Exception as exc:  # noqa: BLE001 - an unusual tokenizer: no guided request can be served
+                    raise GuidedSpecError(f"guided decoding is unavailable for this model's tokenizer: "
+                                          f"{library_reason(exc)}") from exc
                 # our own cache keys by spec; xgrammar's would hold every grammar a second time
                 self._compiler = xgr.GrammarCompiler(info, max_threads=self._threads, cache_enabled=False)
             return self._compiler

@@ -36,6 +36,7 @@ def proto_guided_spec(decoding: pb.DecodingParameters) -> GuidedSpec | None:
 
 async def check_compiles(compiler: GrammarCompiler, spec: GuidedSpec) -> None:
     try:
-        await asyncio.wrap_future(compiler.compile(spec))
+        # shielded: a client leaving must not cancel a compilation that the cache shares with other requests
+        await asyncio.shield(asyncio.wrap_future(compiler.compile(spec)))
     except GuidedSpecError as exc:
         raise ValidationError(str(exc)) from exc
