@@ -60,19 +60,6 @@ def test_lora_rows_match_merged_models_in_one_batch(store):
     assert changed >= 3, "the adapters must actually change the output"
 
 
-def test_guided_rows_with_adapters(store):
-    root, engine, _ = store
-    choices = ["alpha", "beta", "gamma"]
-    spec = guided_spec("choice", choices)
-    reqs = []
-    for text, name in zip(PROMPTS, [None, "attn", "mlp", "attn"], strict=False):
-        req = request(engine, text, max_new_tokens=12, guided=spec)
-        req.lora = None if name is None else LoraRef(f"loras/{name}", str(root / "loras" / name))
-        reqs.append(req)
-    for res in run(engine, reqs):
-        assert res.final.output_text in choices
-
-
 @pytest.mark.timeout(300)
 def test_server_adapter_id(store, tiny_model, tmp_path):
     root, engine, adapters = store
@@ -96,3 +83,17 @@ def test_server_adapter_id(store, tiny_model, tmp_path):
                 generate("odd")
             assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                                 "adapter type IA3 is not currently supported")
+
+
+def test_guided_rows_with_adapters(store):
+    """Last in the file: merged_copy() above deep-copies the engine's model, hooks and their last batch included."""
+    root, engine, _ = store
+    choices = ["alpha", "beta", "gamma"]
+    spec = guided_spec("choice", choices)
+    reqs = []
+    for text, name in zip(PROMPTS, [None, "attn", "mlp", "attn"], strict=False):
+        req = request(engine, text, max_new_tokens=12, guided=spec)
+        req.lora = None if name is None else LoraRef(f"loras/{name}", str(root / "loras" / name))
+        reqs.append(req)
+    for res in run(engine, reqs):
+        assert res.final.output_text in choices
