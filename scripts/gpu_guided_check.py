@@ -1,11 +1,12 @@
 """Guided decoding on a GPU: the CUDA bitmask path (plain torch unpacking) against xgrammar's CPU kernel, and a
-tiny model's guided outputs through the engine on CUDA.
+tiny model's guided outputs through the engine on CUDA (`--device cpu` runs the same checks on the CPU).
 
-    python scripts/gpu_guided_check.py
+    python scripts/gpu_guided_check.py [--device cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
@@ -22,25 +23,26 @@ from models import build  # noqa: E402
 
 from runtime.engine.async_engine import AsyncEngine  # noqa: E402
 from runtime.engine.config import EngineConfig  # noqa: E402
-from runtime.engine.guided import apply_token_bitmask  # noqa: E402
+from runtime.engine.guided import apply_token_bitmask, unpack_and_apply  # noqa: E402
 from runtime.engine.guided_spec import guided_spec  # noqa: E402
 from runtime.engine.request import EngineRequest, GenerationParams  # noqa: E402
 
 
-def check_kernel() -> None:
+def check_kernel(device: str) -> None:
     torch.manual_seed(0)
     scores = torch.randn(16, 49157)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (16, (49157 + 31) // 32), dtype=torch.int32)
     rows = [0, 3, 4, 9, 15]
-    cpu, cuda = scores.clone(), scores.cuda()
+    cpu, other = scores.clone(), scores.to(device)
     apply_token_bitmask(cpu, bitmask, rows)
-    apply_token_bitmask(cuda, bitmask, rows)
-    assert torch.equal(cpu, cuda.cpu()), "CUDA and CPU masks differ"
-    print("bitmask: CUDA unpacking == xgrammar CPU kernel")
+    unpack_and_apply(other, bitmask, rows)
+    assert torch.equal(cpu, other.cpu()), f"{device} and CPU masks differ"
+    print(f"bitmask: unpacking on {device} == xgrammar CPU kernel")
 
 
-def check_engine(path: Path) -> None:
-    engine = AsyncEngine(EngineConfig(model_path=str(path), device="cuda", dtype="float16"))
+def check_engine(path: Path, device: str) -> None:
+    engine = AsyncEngine(EngineConfig(model_path=str(path), device=device,
+                                      dtype="float16" if device.startswith("cuda") else "float32"))
     cases = [(guided_spec("choice", ["red", "green", "blue"]), lambda t: t in ("red", "green", "blue")),
              (guided_spec("regex", r"\d{4}-\d\d-\d\d"), lambda t: re.fullmatch(r"\d{4}-\d\d-\d\d", t)),
              (guided_spec("json_schema", json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
@@ -61,10 +63,13 @@ def check_engine(path: Path) -> None:
         engine.shutdown()
     for out, (_, check) in zip(outs, [c for c in cases for _ in (0, 1)], strict=True):
         assert out.error is None and check(out.output_text), (out.output_text, out.error)
-    print("engine on CUDA:", [o.output_text for o in outs])
+    print(f"engine on {device}:", [o.output_text for o in outs])
 
 
 if __name__ == "__main__":
-    check_kernel()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    device = ap.parse_args().device
+    check_kernel(device)
     with tempfile.TemporaryDirectory() as tmp:
-        check_engine(build("gpt2", Path(tmp)))
+        check_engine(build("gpt2", Path(tmp)), device)
