@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from commands._common import err_console, is_model, resolve_model
+from runtime.engine.guided_spec import GuidedSpec, GuidedSpecError, guided_spec
 from runtime.engine.inputs import prepare_input
 from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput, TokenDetail
 
@@ -41,6 +42,24 @@ def _detail_json(tokenizer, d: TokenDetail) -> dict:
     return out
 
 
+def _guided(json_schema: Path | None, regex: str | None, choice: str | None,
+            grammar: Path | None) -> GuidedSpec | None:
+    """The one guided-decoding option given (the proto's oneof), as a spec; exits 2 on a bad one."""
+    given = {name: value for name, value in (("json_schema", json_schema and json_schema.read_text()),
+                                             ("regex", regex), ("choice", choice and choice.split(",")),
+                                             ("grammar", grammar and grammar.read_text())) if value is not None}
+    if len(given) > 1:
+        err_console.print("[red]give at most one of --json-schema, --regex, --choice, --grammar[/red]")
+        raise typer.Exit(code=2)
+    if not given:
+        return None
+    try:
+        return guided_spec(*given.popitem())
+    except GuidedSpecError as exc:
+        err_console.print(str(exc), style="red", markup=False)
+        raise typer.Exit(code=2) from None
+
+
 def generate(
     args: list[str] = typer.Argument(None, metavar="[MODEL] PROMPT...",
                                      help="Optional model (directory or cached hub id; default: the built-in "
@@ -66,6 +85,14 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the tokenizer's chat template."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per prompt, with token details."),
     top_n_tokens: int = typer.Option(0, "--top-n-tokens", min=0, help="With --json: top-n candidates per token."),
+    json_schema: Path | None = typer.Option(None, "--json-schema", exists=True, dir_okay=False,
+                                            help="Guided decoding: the output follows this JSON schema (a file)."),
+    regex: str | None = typer.Option(None, "--regex", help="Guided decoding: the output matches this regex."),
+    choice: str | None = typer.Option(None, "--choice", help="Guided decoding: the output is one of these "
+                                      "comma-separated choices."),
+    grammar: Path | None = typer.Option(None, "--grammar", exists=True, dir_okay=False,
+                                        help="Guided decoding: the output follows this grammar file (EBNF/GBNF "
+                                             "with ::=, else Lark)."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: by device)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
     max_batch_size: int = typer.Option(12, "--max-batch-size", min=1, help="Engine batch size."),
@@ -86,10 +113,18 @@ def generate(
     if len(stop or []) > 6:
         err_console.print("[red]can specify at most 6 non-empty stop sequences[/red]")
         raise typer.Exit(code=2)
+    guided = _guided(json_schema, regex, choice, grammar)
     path = resolve_model(model, revision)
     engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=device,
                                       max_batch_size=max_batch_size, tensor_parallel_size=num_gpus))
     tok = engine.tokenizer
+    if guided is not None:
+        try:
+            engine.grammars.compile(guided).result()
+        except GuidedSpecError as exc:
+            engine.shutdown()
+            err_console.print(str(exc), style="red", markup=False)
+            raise typer.Exit(code=2) from None
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              if chat else p for p in prompts]
     requests = []
@@ -108,7 +143,7 @@ def generate(
             repetition_penalty=repetition_penalty, stop_sequences=list(stop or []),
             include_stop_sequence=include_stop, deadline=time.monotonic() + time_limit / 1000 if time_limit else None,
             generated_tokens=json_output, token_logprobs=json_output, token_ranks=json_output,
-            top_n_tokens=top_n_tokens if json_output else 0, stream=True)
+            top_n_tokens=top_n_tokens if json_output else 0, stream=True, guided=guided)
         requests.append(EngineRequest(f"cli-{i}", prepared.input_ids, params))
     try:
         finals = asyncio.run(_run(engine, requests, stream_to_console=len(requests) == 1 and not json_output))

@@ -22,6 +22,7 @@ from runtime.engine.lora import LoraRef, find_lora
 from runtime.engine.request import RequestOutput, StopReason, TokenDetail
 from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
 from runtime.server.frontend import Checked, FrontEnd, Input, Overloaded
+from runtime.server.guided import check_compiles, proto_guided_spec
 from runtime.server.validation import ValidationError, check_length, convert_params, validate_params
 from runtime.tokenization import tokenize
 
@@ -152,8 +153,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gp = convert_params(request.params if has_params else None, self.default_include_stop_seqs,
                                 time.monotonic())
             gp.stream = stream
-            guided = request.params.decoding.WhichOneof("guided") if has_params else None
-            validate_params(gp, self.max_new_tokens, guided)
+            validate_params(gp, self.max_new_tokens)
+            gp.guided = proto_guided_spec(request.params.decoding) if has_params else None
             adapter_id = request.adapter_id or request.prefix_id
             lora = self._lora(adapter_id)
             prefix = None if lora else await self._prefix(adapter_id)
@@ -163,6 +164,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 prepared = self.front.prepare(text, request.params.truncate_input_tokens)
                 checked.append(Checked(text, prepared, check_length(gp, prepared.input_length,
                                                                     self.max_sequence_length, prefix_length)))
+            if gp.guided is not None:  # last: the only check that can take milliseconds
+                await check_compiles(self.engine.grammars, gp.guided)
         except ValidationError as exc:
             self.front.rejected()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
