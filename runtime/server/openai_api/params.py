@@ -8,6 +8,9 @@ value for those is a 400, never silently ignored.
 
 from __future__ import annotations
 
+import json
+
+from runtime.engine.guided_spec import GuidedSpecError, guided_spec
 from runtime.engine.request import GenerationParams
 from runtime.server.openai_api.protocol import GenerationRequest, ResponseFormat
 from runtime.server.validation import ValidationError, validate_params
@@ -49,12 +52,20 @@ def from_validation(exc: ValidationError, prompt_param: str) -> ApiError:
 
 
 def apply_response_format(response_format: ResponseFormat | None, gp: GenerationParams) -> None:
-    """The one place `response_format` meets the engine. Guided decoding is not built yet, so JSON output formats
-    are refused; this is where they are to become the engine's guided-decoding parameters."""
+    """The one place `response_format` meets the engine: JSON output formats become guided decoding (`json_object`:
+    any JSON object, TGIS `format: JSON`; `json_schema`: its `schema`). Compiling is the caller's next step."""
     if response_format is None or response_format.type == "text":
         return
-    raise bad_request(f"response_format {response_format.type!r} is not supported yet (guided decoding is not "
-                      "available in this server)", "response_format")
+    try:
+        if response_format.type == "json_object":
+            gp.guided = guided_spec("format", "JSON")
+            return
+        schema = (response_format.json_schema or {}).get("schema")
+        if schema is None:
+            raise bad_request("response_format json_schema needs a `schema`", "response_format")
+        gp.guided = guided_spec("json_schema", json.dumps(schema))
+    except GuidedSpecError as exc:
+        raise bad_request(str(exc), "response_format") from exc
 
 
 def _refuse_unsupported(body: GenerationRequest) -> None:

@@ -23,6 +23,7 @@ from starlette.routing import Mount, Route
 
 from runtime.engine.request import RequestOutput, StopReason
 from runtime.server.frontend import Checked, FrontEnd, Input, Overloaded
+from runtime.server.guided import check_compiles
 from runtime.server.http import client_certificate
 from runtime.server.openai_api.params import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -157,6 +158,7 @@ class OpenAIApi:
                     raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
                 gp = generation_params(body, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
                                        self.front.max_new_tokens, bool(body.stream))
+                await self._compiled(gp)
                 self._with_logprobs(gp, body.logprobs)
                 choices = self._choices([(self._prompt_text(p), self.front.prepare(p)) for p in prompts], gp, body,
                                         n, start)
@@ -180,6 +182,7 @@ class OpenAIApi:
                     raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
                 gp = generation_params(body, body.max_completion_tokens or body.max_tokens,
                                        self.front.max_new_tokens, self.front.max_new_tokens, bool(body.stream))
+                await self._compiled(gp)
                 self._with_logprobs(gp, top_logprobs)
                 text = self._render_chat(body.messages)
                 choices = self._choices([(text, self.front.prepare(text, add_special_tokens=False))], gp, body, n,
@@ -222,6 +225,11 @@ class OpenAIApi:
             if exc.status == 400:
                 self.front.rejected()
             raise
+
+    async def _compiled(self, gp) -> None:
+        """A guided request's grammar compiles (off the loop, cached) before anything is queued; else a 400."""
+        if gp.guided is not None:
+            await check_compiles(self.engine.grammars, gp.guided)
 
     @staticmethod
     def _prompts(prompt: str | list) -> list[str | list[int]]:
