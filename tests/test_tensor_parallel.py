@@ -85,9 +85,11 @@ def _run_both(pair_engines, make_requests, join_after_steps=None):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["llama", "gpt_neox", "t5", "gpt2", "gpt_bigcode"])
-def test_two_ranks_match_one_under_continuous_batching(pair, name):
-    engines = pair(name, max_batch_size=6, max_waiting_tokens=2)
+@pytest.mark.parametrize("name, engine", [("llama", "native"), ("qwen3", "native"), ("llama", "transformers"),
+                                          ("gpt_neox", "auto"), ("t5", "auto"), ("gpt2", "auto"),
+                                          ("gpt_bigcode", "auto")])
+def test_two_ranks_match_one_under_continuous_batching(pair, name, engine):
+    engines = pair(name, engine=engine, max_batch_size=6, max_waiting_tokens=2, max_num_batched_tokens=24)
     assert engines[1].core.runner.local.model.get_input_embeddings().weight.shape[0] < \
         engines[0].core.loaded.model.get_input_embeddings().weight.shape[0]  # really sharded
 

@@ -259,6 +259,8 @@ class EngineCore:
                 self.released.append(seq.id)
                 seq.runner_has_state = False
             seq.sent_blocks = 0
+            if not seq.input_details_sent:  # a prompt preempted mid-prefill is scored again from its start
+                seq.input_details = []
         if not sched.rows:
             if self.released:
                 self.runner.execute(StepPlan([], self._take_released()))

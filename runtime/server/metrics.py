@@ -89,6 +89,8 @@ class Metrics:
         self._recorded: set[str] = set()
         self._exposition = CollectorRegistry(auto_describe=False)
         self._exposition.register(self)
+        for name in ("tgis_prefix_cache_queries", "tgis_prefix_cache_hits"):  # ours: shown from the start, so a
+            self.inc(name, 0)                                                # scraper's first reading is a baseline
 
     def _child(self, name: str, labels: dict[str, str]):
         self._recorded.add(name)

@@ -229,7 +229,10 @@ class OpenAIApi:
     async def _compiled(self, gp) -> None:
         """A guided request's grammar compiles (off the loop, cached) before anything is queued; else a 400."""
         if gp.guided is not None:
-            await check_compiles(self.engine.grammars, gp.guided)
+            try:
+                await check_compiles(self.engine.grammars, gp.guided)
+            except ValidationError as exc:
+                raise bad_request(str(exc), "response_format") from exc
 
     @staticmethod
     def _prompts(prompt: str | list) -> list[str | list[int]]:
