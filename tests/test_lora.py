@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 import torch
-from engine_utils import request, run
+from engine_utils import reference_model, request, run
 from lora_utils import merged_copy, write_lora
 from server_harness import running_server
 from test_engine import MAX_NEW, PROMPTS
@@ -31,7 +31,7 @@ def _greedy(model, ids: list[int], n: int, pad: int) -> list[int]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model):
     engine = AsyncEngine(EngineConfig(model_path=str(tiny_model("llama"))))
-    model = engine.core.loaded.model
+    model = reference_model(engine)
     root = tmp_path_factory.mktemp("adapters")
     adapters = {"attn": write_lora(root / "loras" / "attn", model, ["q_proj", "v_proj"], 1),
                 "mlp": write_lora(root / "loras" / "mlp", model, ["gate_proj", "down_proj", "o_proj"], 2)}
@@ -41,7 +41,7 @@ def store(tmp_path_factory, tiny_model):
 
 def test_lora_rows_match_merged_models_in_one_batch(store):
     root, engine, adapters = store
-    model, pad = engine.core.loaded.model, engine.core.loaded.pad_token_id
+    model, pad = reference_model(engine), engine.core.loaded.pad_token_id
     merged = {name: merged_copy(model, w) for name, w in adapters.items()}
     choice = [None, "attn", "mlp", "attn", None, "mlp", "attn", "mlp"]
     reqs = []
@@ -64,7 +64,7 @@ def test_lora_rows_match_merged_models_in_one_batch(store):
 def test_server_adapter_id(store, tiny_model, tmp_path):
     root, engine, adapters = store
     ids = engine.tokenizer(PROMPTS[0])["input_ids"]
-    merged = merged_copy(engine.core.loaded.model, adapters["attn"])
+    merged = merged_copy(reference_model(engine), adapters["attn"])
     want = engine.tokenizer.decode(_greedy(merged, ids, 10, engine.core.loaded.pad_token_id),
                                    skip_special_tokens=True)
     (root / "odd").mkdir()

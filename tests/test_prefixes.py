@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from engine_utils import request, run
+from engine_utils import reference_model, request, run
 from safetensors.torch import save_file
 from server_harness import running_server
 from test_engine import MAX_NEW, PROMPTS
@@ -93,7 +93,7 @@ def test_store_peft_format_and_lru_cache(tmp_path):
 
 
 def _hf_greedy_with_prefix(engine: AsyncEngine, prefix: torch.Tensor, input_ids: list[int], n: int) -> list[int]:
-    model = engine.core.loaded.model
+    model = reference_model(engine)
     ids = torch.tensor([input_ids])
     embeds = torch.cat([prefix[None], model.get_input_embeddings()(ids)], dim=1)
     with torch.inference_mode():

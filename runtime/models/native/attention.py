@@ -48,8 +48,24 @@ def _gathered(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, 
     return k.flatten(-4, -3), v.flatten(-4, -3)
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+            ) -> torch.Tensor:
+    """q [B, n, H, D] against keys/values [B, L, KVH, D] under mask [B, n, L] (True: may attend). The query heads of
+    each KV-head group are stacked along the query axis, so one 4-D call of scaled_dot_product_attention (PyTorch's
+    fused CPU kernel; 3-D or enable_gqa inputs fall back to a slower path) serves grouped-query attention without
+    repeating keys and values. Returns [B, n, H, D]."""
+    b, n, heads, d = q.shape
+    kv_heads = keys.shape[2]
+    group = heads // kv_heads
+    grouped = q.view(b, n, kv_heads, group, d).permute(0, 2, 1, 3, 4).reshape(b, kv_heads, n * group, d)
+    rows = mask.repeat_interleave(group, dim=1)[:, None] if group > 1 else mask[:, None]
+    out = F.scaled_dot_product_attention(grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=rows,
+                                         scale=scale)
+    return out.view(b, kv_heads, n, group, d).permute(0, 2, 1, 3, 4).reshape(b, n, heads, d)
+
+
 class TorchAttention:
-    """Gathers each row's blocks and runs scaled_dot_product_attention (the math transformers' sdpa path runs)."""
+    """Gathers each row's blocks and runs scaled_dot_product_attention: plain torch over the block tables."""
 
     def __call__(self, q, k, v, cache, meta, scale, window):
         write_kv(cache, k, v, meta.slot_mapping)
@@ -64,24 +80,20 @@ class TorchAttention:
             mask = pos[None, :] < lens
             if window is not None:
                 mask &= pos[None, :] >= lens - window
-            out[:d] = F.scaled_dot_product_attention(
-                q[:d].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None, None, :],
-                scale=scale, enable_gqa=True).squeeze(2)
+            out[:d] = _attend(q[:d, None], keys, values, mask[:, None], scale)[:, 0]
         start = d
         for row in range(d, len(meta.query_lens_host)):
             n, length = meta.query_lens_host[row], meta.seq_lens_host[row]
-            blocks = meta.block_tables[row, : -(-length // block_size)].long()
-            keys, values = (t[:length].transpose(0, 1) for t in _gathered(cache, blocks))  # [KVH, L, D]
-            query = q[start:start + n].transpose(0, 1)  # [H, n, D]
-            if n == length and window is None:  # a whole prompt: plain causal attention
-                o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+            if n == length:  # a whole prompt: its keys are this step's
+                keys, values = k[start:start + n], v[start:start + n]
             else:
-                qpos = torch.arange(length - n, length, device=q.device)[:, None]
-                kpos = torch.arange(length, device=q.device)[None, :]
-                mask = kpos <= qpos
-                if window is not None:
-                    mask &= kpos > qpos - window
-                o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start:start + n] = o.transpose(0, 1)
+                blocks = meta.block_tables[row, : -(-length // block_size)].long()
+                keys, values = (t[:length] for t in _gathered(cache, blocks))
+            qpos = torch.arange(length - n, length, device=q.device)[:, None]
+            kpos = torch.arange(length, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            out[start:start + n] = _attend(q[None, start:start + n], keys[None], values[None], mask[None], scale)[0]
             start += n
         return out
