@@ -62,10 +62,14 @@ def test_greedy_single_request_matches_transformers(engines, name):
 def test_batch_invariance_with_requests_joining_and_leaving(engines, name):
     """10 requests with different prompt lengths and budgets join a running batch at different steps."""
     engine = engines(name, max_batch_size=6, max_waiting_tokens=2)
+    steps = []
+    engine.add_step_listener(steps.append)
     reqs = [request(engine, t, max_new_tokens=n) for t, n in zip(PROMPTS, MAX_NEW, strict=True)]
     results = run(engine, reqs, join_after_steps=[0, 0, 1, 2, 3, 5, 6, 8, 9, 12])
     for req, res, n in zip(reqs, results, MAX_NEW, strict=True):
         assert res.token_ids == hf_greedy(engine, req.input_ids, n), req.request_id
+    assert any(s.prompt_rows and s.decode_rows for s in steps), "requests joined a running batch"
+    assert max(s.batch_size for s in steps) > 1
 
 
 def test_kv_cache_exhaustion_preempts_and_completes(engines):

@@ -440,3 +440,15 @@ def test_encoder_input_token_details():
     assert [d.token_id for d in with_lp] == ids
     assert all(math.isnan(d.logprob) and d.rank is None and d.top_tokens is None for d in with_lp)
     assert all(d.logprob is None for d in encoder_input_token_details(ids, GenerationParams()))
+
+
+def test_length_penalty_past_the_float_range_saturates():
+    """10^400 overflows a double (TGIS/transformers raise OverflowError there): EOS gets the largest finite score,
+    so greedy picks it and a sampled row still has a finite distribution."""
+    logits = logits_for(2)
+    rows = [row(num_generated=400, length_penalty=(0, 10.0)),
+            row(num_generated=400, length_penalty=(0, 10.0), temperature=0.7, seed=1, generated_tokens=True,
+                token_logprobs=True)]
+    result = Sampler(EOS, V)(logits, rows)
+    assert result.token_ids == [EOS, EOS]
+    assert math.isfinite(result.details[1].logprob)

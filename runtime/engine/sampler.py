@@ -155,6 +155,7 @@ def _warp(scores: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
     samp = [i for i, p in enumerate(params) if p.sampling]
     if any(params[i].temperature != 1.0 for i in samp):
         scores = scores / _column([p.temperature if p.sampling else 1.0 for p in params], scores)
+        scores.clamp_(max=torch.finfo(scores.dtype).max)  # a saturated score stays finite at temperatures < 1
     stages = (
         (_top_k, lambda p: p.top_k > 0, lambda p: p.top_k),
         (_top_p, lambda p: 0 < p.top_p < 1, lambda p: p.top_p),

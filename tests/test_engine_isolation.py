@@ -1,0 +1,102 @@
+"""What a request does to the engine stays with that request (issue 17's engine findings): numeric edge cases are
+computed safely, a row that breaks sampling fails alone, bad inputs fail at admission, and the engine's state is
+true at rest (gauges after an abort, nothing left running after a shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from engine_utils import hf_greedy, request, run
+from test_engine import PROMPTS
+
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.config import EngineConfig
+from runtime.engine.request import EngineRequest, GenerationParams, StopReason
+from runtime.engine.sampler import Sampler
+
+
+@pytest.fixture(scope="module", params=["native", "transformers"])
+def engine(request, tiny_model):
+    eng = AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), engine=request.param, max_batch_size=8,
+                                   max_waiting_tokens=1))
+    yield eng
+    eng.shutdown()
+
+
+def test_a_huge_length_penalty_ends_its_request_with_eos_and_leaves_others_alone(engine):
+    """decay 10 from token 0 (the sampler test covers 10^p past the float range)."""
+    bystander = request(engine, PROMPTS[1], max_new_tokens=12)
+    penalised = request(engine, PROMPTS[0], max_new_tokens=400, length_penalty=(0, 10.0), temperature=0.7, seed=3)
+    results = run(engine, [penalised, bystander])
+    assert results[0].final.error is None and results[0].final.stop_reason == StopReason.EOS_TOKEN
+    assert results[1].token_ids == hf_greedy(engine, bystander.input_ids, 12)
+
+
+def test_a_row_that_breaks_sampling_fails_alone(engine, monkeypatch):
+    original = Sampler.__call__
+
+    def fragile(self, logits, rows):
+        if any(r.params.top_k == 13 for r in rows):  # stands for any parameter combination that raises
+            raise RuntimeError("boom")
+        return original(self, logits, rows)
+
+    monkeypatch.setattr(Sampler, "__call__", fragile)
+    bad = request(engine, PROMPTS[2], max_new_tokens=8, temperature=0.9, top_k=13, seed=1)
+    good = [request(engine, t, max_new_tokens=8) for t in PROMPTS[3:6]]
+    results = run(engine, [bad, *good])
+    assert results[0].final.stop_reason == StopReason.ERROR
+    assert "sampling failed" in results[0].final.error
+    for req, res in zip(good, results[1:], strict=True):
+        assert res.final.error is None and res.token_ids == hf_greedy(engine, req.input_ids, 8)
+
+
+def test_an_empty_input_fails_at_admission_alone(engine):
+    empty = EngineRequest("empty", [], GenerationParams(max_new_tokens=4))
+    good = request(engine, PROMPTS[0], max_new_tokens=4)
+    results = run(engine, [empty, good])
+    assert results[0].final.stop_reason == StopReason.ERROR and "no tokens" in results[0].final.error
+    assert results[1].token_ids == hf_greedy(engine, good.input_ids, 4)
+
+
+def test_a_tiny_time_limit_on_an_idle_engine_still_gives_the_first_token(engine):
+    req = request(engine, PROMPTS[0], max_new_tokens=50, deadline=time.monotonic() + 0.001)
+    [res] = run(engine, [req])
+    assert res.final.stop_reason == StopReason.TIME_LIMIT and res.final.generated_token_count >= 1
+
+
+def test_gauges_are_true_at_rest_after_an_abort(engine):
+    seen = []
+    engine.add_step_listener(seen.append)
+
+    async def abandon() -> None:
+        gen = engine.generate(request(engine, PROMPTS[0], max_new_tokens=300, min_new_tokens=300))
+        async for out in gen:
+            if out.generated_token_count >= 2:
+                break
+        await gen.aclose()
+        for _ in range(200):
+            if seen and seen[-1].running == 0 and seen[-1].method == "idle":
+                return
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(asyncio.wait_for(abandon(), 60))
+    finally:
+        engine.listeners.remove(seen.append)
+    assert seen[-1].method == "idle" and seen[-1].running == 0 and seen[-1].queue_size == 0
+
+
+def test_shutdown_drops_work_nobody_waits_for(tiny_model):
+    eng = AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), engine="native"))
+
+    async def start_and_leave() -> None:
+        gen = eng.generate(request(eng, PROMPTS[0], max_new_tokens=400, min_new_tokens=400))
+        await gen.__anext__()
+
+    asyncio.run(start_and_leave())
+    started = time.monotonic()
+    eng.shutdown()
+    assert time.monotonic() - started < 10
+    assert not eng.core.scheduler.running and not eng.core.scheduler.waiting
