@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import typer
@@ -45,7 +46,7 @@ def download_weights(
     token: str | None = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (gated/private repos)."),
     extension: str = typer.Option(".safetensors", "--extension",
                                   help="Comma-separated file extensions to fetch; a single weight extension also "
-                                       "fetches .json .py .model .md."),
+                                       "fetches .json .py .model .md .jinja (config, tokenizer, chat template)."),
     auto_convert: bool = typer.Option(True, "--auto-convert/--no-auto-convert",
                                       help="Without safetensors on the hub, fetch .bin weights and convert them."),
 ) -> None:
@@ -57,27 +58,32 @@ def download_weights(
     """
     from huggingface_hub.utils import disable_progress_bars
 
-    from runtime.hub import HubError, download, expand_extensions
-    from runtime.models.convert import ConversionError, convert_bin_dir
+    from runtime.hub import download, expand_extensions
+    from runtime.models.convert import convert_bin_dir
 
     disable_progress_bars()
+    quiet_http_logs()
     exts = expand_extensions(extension)
-    try:
-        snap, names = _download(model, exts, revision, token, download)
-        if auto_convert and ".safetensors" in exts and not any(snap.glob("*.safetensors")):
-            if ".bin" not in exts:
-                print(".safetensors weights not found, downloading pytorch weights to convert...")
-                snap, _ = _download(model, [".bin"], revision, token, download)
-            print(".safetensors weights not found, converting from pytorch weights...")
-            convert_bin_dir(snap)
-        elif auto_convert and ".safetensors" in exts and not any(n.endswith(".safetensors") for n in names):
-            print(".safetensors weights not found on hub, but were found locally. Remove them first to re-convert")
-    except (HubError, ConversionError, ValueError) as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=1) from exc
+    snap, names = _download(model, exts, revision, token, download)
+    if auto_convert and ".safetensors" in exts and not any(snap.glob("*.safetensors")):
+        if ".bin" not in exts:
+            print(".safetensors weights not found, downloading pytorch weights to convert...")
+            snap, _ = _download(model, [".bin"], revision, token, download)
+        print(".safetensors weights not found, converting from pytorch weights...")
+        convert_bin_dir(snap)
+    elif auto_convert and ".safetensors" in exts and not any(n.endswith(".safetensors") for n in names):
+        print(".safetensors weights not found on hub, but were found locally. Remove them first to re-convert")
     if auto_convert:
         _fast_tokenizer(model, snap)
     print(f"{model} is in {snap}")
+
+
+def quiet_http_logs() -> None:
+    """httpx and huggingface_hub log every request at INFO, which floods the terminal and redraws the bars; they
+    are shown at debug level only."""
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in ("httpx", "httpcore", "huggingface_hub", "filelock"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fast_tokenizer(model: str, snap) -> None:

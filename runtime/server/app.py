@@ -1,5 +1,7 @@
-"""`tgis serve` wiring: resolve the model and limits, load the engine, start gRPC (with health and reflection) and
-HTTP, then drain on SIGTERM/SIGINT and exit 0. A fatal start-up error goes to the termination log and exits 1.
+"""`tgis serve` wiring: check every option that can be checked without the model (values, TLS files, free ports,
+device, tensor-parallel split), resolve the model and limits, load the engine, start gRPC (with health and
+reflection) and HTTP, then drain on SIGTERM/SIGINT and exit 0. A fatal start-up error goes to the termination log
+and exits 1.
 """
 
 from __future__ import annotations
@@ -18,20 +20,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import generation_pb2 as pb
-from proto import generation_pb2_grpc as pb_grpc
-from runtime.config import ConfigError, ServerConfig
+from runtime.config import ConfigError, ServerConfig, check_engine_options
 from runtime.engine.config import EngineConfig
 from runtime.hub import resolve_model_or_default
 from runtime.models.prefixes import PrefixStore
 from runtime.server.grpc_service import GenerationServicer
 from runtime.server.http import HealthMetricsServer
 from runtime.server.metrics import Metrics
+from runtime.server.ports import check_bindable
 from runtime.server.tls import server_credentials
+from runtime.server.wire import SERVICE, add_generation_service
+from runtime.threads import tokenization_workers
 
 log = logging.getLogger("tgis.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+SERVICE_NAME = SERVICE.full_name
 _LOG_EXTRAS = ("correlation_id", "request_id", "input_toks")
 
 
@@ -133,7 +136,10 @@ def run(config: ServerConfig) -> int:
         return asyncio.run(_serve(config))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
-        log.error("fatal: %s", message, exc_info=not isinstance(exc, ValueError))
+        expected = isinstance(exc, ValueError)  # a bad option or file: the message says it all
+        debug = log.isEnabledFor(logging.DEBUG)
+        hint = "" if expected or debug else " (rerun with `tgis --log-level debug serve ...` for the traceback)"
+        log.error("fatal: %s%s", message, hint, exc_info=debug and not expected)
         write_termination_log(config.termination_log_path, message)
         return 1
 
@@ -145,7 +151,10 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     config.validate()
     credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    check_bindable(config.host, config.grpc_port, "gRPC", "--grpc-port / GRPC_PORT")
+    check_bindable(config.host, config.port, "HTTP", "--port / PORT")
     model_dir = resolve_model_or_default(config.model_name, config.revision)
+    check_engine_options(model_dir, config.effective_dtype, config.device, config.world_size)
     max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
 
     from runtime.engine.process import ProcessEngine
@@ -163,19 +172,25 @@ async def _serve(config: ServerConfig) -> int:
 async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens: int, stop: asyncio.Event) -> int:
     metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
     engine.add_step_listener(metrics.on_step)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", config.max_request_bytes)])
+    servicer = GenerationServicer(
         engine, metrics, max_new_tokens, config.max_concurrent_requests, config.default_include_stop_seqs,
-        prefix_store(config, engine)), server)
+        prefix_store(config, engine), config.max_top_n_tokens,
+        config.tokenization_workers or tokenization_workers(config.world_size))
+    add_generation_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.grpc_port}"
-    if credentials is None:
-        server.add_insecure_port(address)
-    else:
-        server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # taken since the check at start
+        raise ConfigError(f"cannot listen on {address} for gRPC ({exc}): choose another --grpc-port") from exc
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -192,6 +207,7 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     await health_servicer.enter_graceful_shutdown()
     await asyncio.to_thread(http.stop)
     await server.stop(config.shutdown_grace_period)
+    servicer.close()
     log.info("Shutdown complete")
     return code
 
