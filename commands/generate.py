@@ -84,11 +84,14 @@ def generate(
                                  "on CUDA)."),
 ) -> None:
     """Generate text for one or more prompts, batched through the continuous-batching engine."""
+    from transformers import AutoTokenizer
+
     from runtime.config import check_engine_options
     from runtime.engine.async_engine import AsyncEngine
     from runtime.engine.config import EngineConfig
     from runtime.engine.inputs import prepare_input
     from runtime.engine.request import EngineRequest, GenerationParams
+    from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, model_max_sequence_length
 
     model, args = split_model_argument(list(args or []), model)
     prompts = _read_prompts(args, file)
@@ -101,31 +104,31 @@ def generate(
     sampling = bool(temperature) if sample is None or temperature == 0 else sample
     path = resolve_model(model, revision)
     check_engine_options(path, dtype, device, num_gpus)
+    tok = AutoTokenizer.from_pretrained(path)  # every prompt is checked before the model loads
+    limit = model_max_sequence_length(path) or DEFAULT_MAX_SEQUENCE_LENGTH
+    requests = []
+    for i, text in enumerate(_templated(tok, prompts, chat)):
+        prepared = prepare_input(tok, text, truncate_input_tokens)
+        room = limit - prepared.input_length
+        if room <= 0:
+            raise CliError(f"input tokens ({prepared.input_length}) must be < {limit}: use --truncate-input-tokens", 2)
+        if not prepared.input_ids:
+            raise CliError("the prompt produced no tokens (this model's tokenizer adds no BOS token)", 2)
+        params = GenerationParams(
+            max_new_tokens=min(max_new_tokens, room), max_is_token_limit=max_new_tokens > room,
+            min_new_tokens=min_new_tokens, temperature=(temperature or 1.0) if sampling else 0.0, top_k=top_k,
+            top_p=top_p, typical_p=typical_p,
+            seed=(seed if seed is not None else random.getrandbits(32)) if sampling else None,
+            repetition_penalty=repetition_penalty, stop_sequences=list(stop or []), include_stop_sequence=include_stop,
+            generated_tokens=json_output, token_logprobs=json_output, token_ranks=json_output,
+            top_n_tokens=top_n_tokens if json_output else 0, stream=True)
+        requests.append(EngineRequest(f"cli-{i}", prepared.input_ids, params))
     engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=device,
                                       max_batch_size=max_batch_size, tensor_parallel_size=num_gpus))
-    tok = engine.tokenizer
+    if time_limit:  # counted from now: loading the model is not generation time
+        for req in requests:
+            req.params.deadline = time.monotonic() + time_limit / 1000
     try:
-        texts = _templated(tok, prompts, chat)
-        requests = []
-        for i, text in enumerate(texts):
-            prepared = prepare_input(tok, text, truncate_input_tokens)
-            room = engine.max_sequence_length - prepared.input_length
-            if room <= 0:
-                raise CliError(f"input tokens ({prepared.input_length}) must be < {engine.max_sequence_length}: "
-                               "use --truncate-input-tokens", 2)
-            if not prepared.input_ids:
-                raise CliError("the prompt produced no tokens (this model's tokenizer adds no BOS token)", 2)
-            params = GenerationParams(
-                max_new_tokens=min(max_new_tokens, room), max_is_token_limit=max_new_tokens > room,
-                min_new_tokens=min_new_tokens, temperature=(temperature or 1.0) if sampling else 0.0, top_k=top_k,
-                top_p=top_p, typical_p=typical_p,
-                seed=(seed if seed is not None else random.getrandbits(32)) if sampling else None,
-                repetition_penalty=repetition_penalty, stop_sequences=list(stop or []),
-                include_stop_sequence=include_stop,
-                deadline=time.monotonic() + time_limit / 1000 if time_limit else None,
-                generated_tokens=json_output, token_logprobs=json_output, token_ranks=json_output,
-                top_n_tokens=top_n_tokens if json_output else 0, stream=True)
-            requests.append(EngineRequest(f"cli-{i}", prepared.input_ids, params))
         finals = asyncio.run(_run(engine, requests, stream_to_console=len(requests) == 1 and not json_output))
     finally:
         engine.shutdown()

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,14 +24,15 @@ from grpc_reflection.v1alpha import reflection
 from runtime.config import ConfigError, ServerConfig, check_engine_options
 from runtime.engine.config import EngineConfig
 from runtime.hub import resolve_model_or_default
-from runtime.models.prefixes import PrefixStore
-from runtime.server.grpc_service import GenerationServicer
 from runtime.server.http import HealthMetricsServer
 from runtime.server.metrics import Metrics
 from runtime.server.ports import check_bindable
 from runtime.server.tls import server_credentials
 from runtime.server.wire import SERVICE, add_generation_service
 from runtime.threads import tokenization_workers
+
+if TYPE_CHECKING:
+    from runtime.models.prefixes import PrefixStore
 
 log = logging.getLogger("tgis.server")
 
@@ -112,6 +114,8 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
 
 def prefix_store(config: ServerConfig, engine) -> PrefixStore | None:
     """The prompt-prefix store when PREFIX_STORE_PATH is set (spec §5.4); limits are checked here, at start."""
+    from runtime.models.prefixes import PrefixStore
+
     if not config.prefix_store_path:
         return None
     s = engine.max_sequence_length
@@ -170,6 +174,8 @@ async def _serve(config: ServerConfig) -> int:
 
 
 async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens: int, stop: asyncio.Event) -> int:
+    from runtime.server.grpc_service import GenerationServicer  # torch: imported once the options are known good
+
     metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
     engine.add_step_listener(metrics.on_step)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
