@@ -213,7 +213,7 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     await health_servicer.enter_graceful_shutdown()
     await asyncio.to_thread(http.stop)
     await server.stop(config.shutdown_grace_period)
-    servicer.close()
+    await servicer.close()
     log.info("Shutdown complete")
     return code
 

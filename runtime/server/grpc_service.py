@@ -81,10 +81,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._ids = itertools.count()
         self._rng = random.Random()
         self._tokenizing = ThreadPoolExecutor(tokenization_workers, thread_name_prefix="tgis-tokenize")
+        self._handlers: set[asyncio.Task] = set()
 
-    def close(self) -> None:
-        """Drop queued tokenization work (at shutdown nobody waits for it)."""
+    async def close(self, timeout: float = 10.0) -> None:
+        """Once the gRPC server has stopped: cancel the generation handlers still running (grpcio leaves them
+        awaiting the engine even after its grace period), which aborts their engine requests, and drop queued
+        tokenization work. Nobody waits for any of it any more."""
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        running = [task for task in self._handlers if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=timeout)
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
@@ -193,13 +201,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _cancellation(self, n: int, context, done: Callable[[], bool] = lambda: False):
-        """Count a client's cancellation (err="cancelled") wherever it lands: validation, queue or generation."""
+        """Count a cancellation (err="cancelled") wherever it lands: validation, queue or generation; the handler
+        is tracked meanwhile so that shutdown can cancel it."""
+        task = asyncio.current_task()
+        self._handlers.add(task)
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
             if not done():
                 self._cancelled(n, context)
             raise
+        finally:
+            self._handlers.discard(task)
 
     async def _validated(self, request, texts: list[str], context, start: float, stream: bool) -> list[_Input]:
         """Conversion, the checks of spec §1.5 in order, per-input length checks and seeds; INVALID_ARGUMENT on
@@ -370,7 +383,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     def _cancelled(self, n: int, context) -> None:
         self.metrics.inc("tgi_request_failure", n, err="cancelled")
-        log.warning("%d request(s) cancelled by the client (CANCELLED)", n,
+        log.warning("%d request(s) cancelled (CANCELLED)", n,
                     extra={"correlation_id": self._correlation_id(context)})
 
     def _log_fields(self, inp: _Input, context) -> dict:
