@@ -82,7 +82,7 @@ def quiet_http_logs() -> None:
     """httpx and huggingface_hub log every request at INFO, which floods the terminal and redraws the bars; they
     are shown at debug level only."""
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        for name in ("httpx", "httpcore", "huggingface_hub", "filelock"):
+        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "huggingface_hub", "filelock"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
