@@ -95,48 +95,38 @@ def test_traceback_only_at_debug_level(monkeypatch):
     assert result.exit_code == 1 and "Traceback" in result.stderr and "KeyError: 'boom'" in result.stderr
 
 
-def test_generate_applies_the_chat_template_unless_raw(llama, monkeypatch):
-    """The tiny Llama has a chat template: the prompt the model sees is wrapped in it by default, raw with --raw."""
+def _recorded(monkeypatch, what) -> list:
+    """`what(request)` for every engine request `tgis generate` runs (it still runs them)."""
     from commands import generate as command
 
-    seen = []
-    monkeypatch.setattr(command, "_run", _recording_run(seen))
-    assert runner.invoke(app, ["generate", llama, "Hello", "-n", "2"]).exit_code == 0
-    assert runner.invoke(app, ["generate", llama, "Hello", "-n", "2", "--raw"]).exit_code == 0
+    seen, real = [], command._run
+
+    async def run(engine, requests, stream_to_console):
+        seen.extend(what(r) for r in requests)
+        return await real(engine, requests, stream_to_console)
+
+    monkeypatch.setattr(command, "_run", run)
+    return seen
+
+
+def test_generate_applies_the_chat_template_unless_raw(llama, monkeypatch):
+    """The tiny Llama has a chat template: the prompt the model sees is wrapped in it by default, raw with --raw."""
     from transformers import AutoTokenizer
 
+    seen = _recorded(monkeypatch, lambda r: r.input_ids)
+    assert runner.invoke(app, ["generate", llama, "Hello", "-n", "2"]).exit_code == 0
+    assert runner.invoke(app, ["generate", llama, "Hello", "-n", "2", "--raw"]).exit_code == 0
     tok = AutoTokenizer.from_pretrained(llama)
     templated = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
                                         tokenize=False)
     assert seen == [tok(templated)["input_ids"], tok("Hello")["input_ids"]]
 
 
-def _recording_run(seen: list):
-    from commands import generate as command
-
-    real = command._run
-
-    async def run(engine, requests, stream_to_console):
-        seen.extend(r.input_ids for r in requests)
-        return await real(engine, requests, stream_to_console)
-
-    return run
-
-
 def test_temperature_zero_is_greedy(llama, monkeypatch):
-    from commands import generate as command
-
-    params = []
-    real = command._run
-
-    async def run(engine, requests, stream_to_console):
-        params.extend(r.params for r in requests)
-        return await real(engine, requests, stream_to_console)
-
-    monkeypatch.setattr(command, "_run", run)
+    seen = _recorded(monkeypatch, lambda r: (r.params.temperature, r.params.seed is not None))
     for extra in (["--temperature", "0", "--sample"], ["--temperature", "0.7"], []):
         assert runner.invoke(app, ["generate", llama, "Hi", "-n", "1", "--raw", *extra]).exit_code == 0
-    assert [(p.temperature, p.seed is not None) for p in params] == [(0.0, False), (0.7, True), (0.0, False)]
+    assert seen == [(0.0, False), (0.7, True), (0.0, False)]
 
 
 def test_busy_port_is_named_before_the_model_loads(tmp_path):

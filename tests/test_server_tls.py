@@ -63,6 +63,8 @@ def test_tls_and_mtls(tiny_model, pki, tmp_path):
     ((), {"MAX_SEQUENCE_LENGTH": "1"}, "max_sequence_length (1) must be at least 2 (1 input + 1 output)"),
     ((), {"MAX_CONCURRENT_REQUESTS": "0"}, "max_concurrent_requests must be > 0"),
     (("--model-name", "/nonexistent-model-dir"), {}, "/nonexistent-model-dir"),
+    (("--dtype", "float8"), {}, "Unrecognized data type: float8"),
+    (("--num-gpus", "5"), {}, "the model cannot be split into 5 tensor-parallel ranks"),  # checked before loading
     (("--kv-cache-tokens", "16", "--max-sequence-length", "64"), {},  # raised in the engine process
      "kv_cache_tokens (16) must be at least one full request's slots (64 for max_sequence_length 64)"),
 ])
