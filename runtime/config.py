@@ -14,10 +14,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from runtime.engine.config import ENGINES
+
 DTYPES = ("float32", "float16", "bfloat16", "float", "half")
+FRAMEWORKS = {"tgis_native": "native", "hf_custom_tp": "native", "hf_transformers": "transformers"}
 # `serve --help` panels, in the order they are shown
-MODEL, LIMITS, ADAPTERS, OUTPUT, NETWORK, PROCESS = ("Model", "Limits and batching", "Prompt prefixes and adapters",
-                                                      "Output", "Network and TLS", "Process")
+MODEL, ENGINE, LIMITS, ADAPTERS, OUTPUT, NETWORK, PROCESS = (
+    "Model", "Engine", "Limits and batching", "Prompt prefixes and adapters", "Output", "Network and TLS", "Process")
 
 
 class ConfigError(ValueError):
@@ -101,16 +104,42 @@ class ServerConfig:
     max_waiting_tokens: int = _opt(24, "--max-waiting-tokens", env="MAX_WAITING_TOKENS", panel=LIMITS,
                                    help="Decode steps before waiting requests are forced into the batch.",
                                    check=(_positive, "max_waiting_tokens ({value}) must be at least 1"))
-    max_prefill_tokens: int = _opt(4096, "--max-prefill-tokens", env="MAX_PREFILL_TOKENS", panel=LIMITS,
-                                   help="Padded prompt tokens per prefill step.",
-                                   check=(_positive, "max_prefill_tokens ({value}) must be at least 1"))
+    max_num_batched_tokens: int | None = _opt(
+        None, "--max-num-batched-tokens", env="MAX_NUM_BATCHED_TOKENS", panel=LIMITS,
+        help="Tokens computed per step: decodes first, then prompt chunks (default: 8192 on GPU, 512 on CPU).",
+        check=(_positive, "max_num_batched_tokens ({value}) must be at least 1"))
+    chunked_prefill: bool = _opt(True, "--chunked-prefill", env="ENABLE_CHUNKED_PREFILL", panel=LIMITS,
+                                 help="Split long prompts over steps so running streams keep their pace (true/false).",
+                                 explicit_bool=True)
     kv_cache_memory_fraction: float = _opt(
         0.9, "--kv-cache-memory-fraction", env="KV_CACHE_MEMORY_FRACTION", panel=LIMITS,
         help="Share of free device memory the KV cache may use.",
         check=(_fraction, "kv_cache_memory_fraction ({value}) must be in range 0 < x <= 1"))
     kv_cache_tokens: int | None = _opt(None, "--kv-cache-tokens", env="KV_CACHE_TOKENS", panel=LIMITS,
-                                       help="KV cache capacity in token slots (overrides the memory fraction).",
+                                       help="KV cache capacity in tokens (overrides the memory fraction).",
                                        check=(_positive, "kv_cache_tokens ({value}) must be at least 1"))
+    prefix_caching: bool = _opt(True, "--prefix-caching", env="ENABLE_PREFIX_CACHING", panel=LIMITS,
+                                help="Reuse the KV cache of identical prompt prefixes (true/false).",
+                                explicit_bool=True)
+    engine: str = _opt("auto", "--engine", panel=ENGINE,
+                       help="auto (native where it serves the architecture, else transformers), native, transformers. "
+                            "DEPLOYMENT_FRAMEWORK=tgis_native|hf_custom_tp|hf_transformers (TGIS) selects one too.",
+                       check=(lambda v: v in ENGINES, "engine must be one of " + ", ".join(ENGINES) + ", not {value}"))
+    deployment_framework: str | None = _opt(
+        None, "--deployment-framework", env="DEPLOYMENT_FRAMEWORK", panel=ENGINE,
+        help="TGIS engine name (see --engine).",
+        check=(lambda v: v in FRAMEWORKS, "deployment_framework must be one of " + ", ".join(FRAMEWORKS) +
+               ", not {value}"))
+    cuda_graphs: bool = _opt(True, "--cuda-graphs", env="CUDA_GRAPHS", panel=ENGINE,
+                             help="Capture decode steps in CUDA graphs (native engine, true/false).",
+                             explicit_bool=True)
+    load_format: str = _opt("auto", "--load-format", env="LOAD_FORMAT", panel=ENGINE,
+                            help="auto (the checkpoint's weights) or dummy (random weights of the model's shape, "
+                                 "for benchmarks).",
+                            check=(lambda v: v in ("auto", "dummy"), "load_format must be auto or dummy, not {value}"))
+    pt2_compile: bool | None = _opt(None, "--pt2-compile", env="PT2_COMPILE", panel=ENGINE,
+                                    help="torch.compile the native model (TGIS PT2_COMPILE, true/false; default: "
+                                         "on GPUs).", explicit_bool=True)
     prefix_store_path: str | None = _opt(None, "--prefix-store-path", "--adapter-cache",
                                          env=("PREFIX_STORE_PATH", "ADAPTER_CACHE"), panel=ADAPTERS,
                                          help="Directory of adapters, one per id: prompt prefixes (decoder.pt, "
@@ -170,6 +199,13 @@ class ServerConfig:
     @property
     def effective_dtype(self) -> str | None:
         return self.dtype or self.dtype_str
+
+    @property
+    def effective_engine(self) -> str:
+        """An explicit --engine wins; else TGIS' DEPLOYMENT_FRAMEWORK; else auto."""
+        if self.engine == "auto" and self.deployment_framework:
+            return FRAMEWORKS[self.deployment_framework]
+        return self.engine
 
     @property
     def world_size(self) -> int:

@@ -165,7 +165,7 @@ def main() -> None:
                 entry = {"decode_ms_per_token_bs1": decode_latency(engine)}
                 steps: list = []
                 engine.add_step_listener(steps.append)
-                entry["throughput"] = bench_engine(engine, workload(args.requests)).to_dict()
+                entry["throughput"] = bench_engine(engine, workload(args.requests))
                 entry["steps"] = step_breakdown(steps, entry["throughput"]["duration_s"])
             finally:
                 engine.shutdown()

@@ -124,7 +124,7 @@ def main() -> None:
             from transformers import AutoTokenizer
 
             results["llama-1b-grpc"] = bench_grpc("127.0.0.1:8033", AutoTokenizer.from_pretrained(path),
-                                                  workload(args.requests)).to_dict()
+                                                  workload(args.requests))
         finally:
             stop(proc)
         print(json.dumps(results["llama-1b-grpc"]), flush=True)

@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import models as tiny_models  # noqa: E402
+import triton_interpreter  # noqa: E402
+
+HAS_TRITON = triton_interpreter.enable()
 
 TINY = list(tiny_models.BUILDERS)
 

@@ -62,11 +62,28 @@ def run(engine: AsyncEngine, reqs: list[EngineRequest], join_after_steps: list[i
         engine.listeners.pop()
 
 
+_references: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+
+
+def reference_model(engine: AsyncEngine) -> torch.nn.Module:
+    """The transformers model the engine's output is checked against: the engine's own model object when it runs
+    one, else (native engine) the same checkpoint loaded by transformers in the same dtype."""
+    lm = engine.core.loaded
+    if hasattr(lm.model, "generate"):
+        return lm.model
+    key = (engine.core.config.model_path, lm.dtype)
+    if key not in _references:
+        from transformers import AutoModelForCausalLM
+
+        _references[key] = AutoModelForCausalLM.from_pretrained(key[0], dtype=lm.dtype).to(lm.device).eval()
+    return _references[key]
+
+
 def hf_greedy(engine: AsyncEngine, input_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
-    """transformers' own greedy generation for the same model object (the reference)."""
+    """transformers' own greedy generation for the same weights (the reference)."""
     lm = engine.core.loaded
     ids = torch.tensor([input_ids], device=lm.device)
     with torch.inference_mode():
-        out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.pad_token_id,
-                                eos_token_id=lm.eos_token_id, **kwargs)
+        out = reference_model(engine).generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                               pad_token_id=lm.pad_token_id, eos_token_id=lm.eos_token_id, **kwargs)
     return out[0, (1 if lm.is_encoder_decoder else ids.shape[1]):].tolist()

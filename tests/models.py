@@ -116,6 +116,36 @@ def build_llama(out: Path) -> Path:
     return _save(LlamaForCausalLM(cfg), tok, out)
 
 
+def _llama_family(out: Path, model_type: str, **extra) -> Path:
+    """A tiny random model of a Llama-family type (with the Llama tokenizer); `extra` sets the family's quirks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = llama_tokenizer()
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **extra)
+    return _save(AutoModelForCausalLM.from_config(cfg), tok, out)
+
+
+def build_mistral(out: Path) -> Path:
+    return _llama_family(out, "mistral", sliding_window=12)  # shorter than test contexts: the window matters
+
+
+def build_qwen2(out: Path) -> Path:
+    return _llama_family(out, "qwen2")  # biased q/k/v projections
+
+
+def build_qwen3(out: Path) -> Path:
+    return _llama_family(out, "qwen3", head_dim=32)  # q/k norms, head_dim != hidden / heads
+
+
+def build_granite(out: Path) -> Path:
+    return _llama_family(out, "granite", embedding_multiplier=2.0, attention_multiplier=0.2,
+                         residual_multiplier=0.5, logits_scaling=4.0, tie_word_embeddings=True)
+
+
 def build_gpt2(out: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -171,7 +201,12 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "gpt_neox": build_gpt_neox,
     "gpt_bigcode": build_gpt_bigcode,
     "t5": build_t5,
+    "mistral": build_mistral,
+    "qwen2": build_qwen2,
+    "qwen3": build_qwen3,
+    "granite": build_granite,
 }
+NATIVE = ["llama", "mistral", "qwen2", "qwen3", "granite"]  # the architectures the native engine serves
 DECODER_ONLY = ["llama", "gpt2", "gpt_neox", "gpt_bigcode"]
 
 

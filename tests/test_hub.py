@@ -80,6 +80,29 @@ def test_download_fills_cache_then_noop_then_resolves_offline(hub, tiny_model):
         os.environ.pop("HF_HUB_CACHE") if saved is None else os.environ.__setitem__("HF_HUB_CACHE", saved)
 
 
+def test_model_name_from_the_environment(hub, tiny_model):
+    """The Kubernetes init container runs a bare `tgis download-weights` with the server's MODEL_NAME."""
+    repo = hub.add_repo("org/tiny-llama", _repo_files(tiny_model("llama")))
+    result = _cli(["download-weights"], {**hub.env, "MODEL_NAME": "org/tiny-llama"})
+    assert result.returncode == 0, result.stderr
+    assert (hub.cache / "models--org--tiny-llama" / "snapshots" / repo.sha / "model.safetensors").is_file()
+
+
+def test_no_model_prepares_the_built_in_one(hub, tiny_model, tmp_path):
+    """No MODEL_NAME: the built-in model `tgis serve` would serve, from TGIS_CACHE (already prepared here, so the
+    package index is not asked), and nothing from the hub."""
+    from runtime.default_model import DEFAULT_MODEL_NAME
+
+    prepared = tmp_path / "tgis" / "models" / DEFAULT_MODEL_NAME
+    prepared.parent.mkdir(parents=True)
+    prepared.symlink_to(tiny_model("llama"), target_is_directory=True)
+    env = {k: v for k, v in hub.env.items() if k != "MODEL_NAME"}
+    result = _cli(["download-weights"], {**env, "TGIS_CACHE": str(tmp_path / "tgis")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{DEFAULT_MODEL_NAME} is in {prepared}"
+    assert hub.requests == []
+
+
 def test_extension_filter(hub, tiny_model):
     hub.add_repo("org/tiny-llama", _repo_files(tiny_model("llama")))
     result = _cli(["download-weights", "org/tiny-llama", "--extension", ".json"], hub.env)

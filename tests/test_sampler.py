@@ -21,6 +21,7 @@ from runtime.engine.request import GenerationParams
 from runtime.engine.sampler import (
     Sampler,
     SamplerRow,
+    TokenHistory,
     encoder_input_token_details,
     input_token_details,
     make_generator,
@@ -37,7 +38,7 @@ def logits_for(batch: int, seed: int = 0, vocab: int = V) -> torch.Tensor:
 def row(history: list[int] | None = None, num_generated: int = 0, **kw) -> SamplerRow:
     p = GenerationParams(**kw)
     gen = make_generator(p.seed or 0, "cpu") if p.sampling else None
-    return SamplerRow(p, num_generated, history or [], gen)
+    return SamplerRow(p, num_generated, TokenHistory(history or [], V), gen)
 
 
 def full_logprobs(sampler: Sampler, logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:

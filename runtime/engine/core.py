@@ -1,8 +1,9 @@
-"""The engine core: owns the model and runs `schedule → forward → sample → update → emit`.
+"""The engine core: `schedule → execute the plan → sample → update sequences → emit`, once per step.
 
 It talks to front ends only through messages: `add` / `abort` go into an inbox queue, outputs leave through one
-`emit` callback as lists of `RequestOutput`, and per-step statistics through listeners. Nothing else is shared, so
-the loop can move from a thread into its own process without the front ends changing.
+`emit` callback as lists of `RequestOutput`, and per-step statistics through listeners. The runner sees only step
+plans; the core never reads a runner's internals. Nothing a client sends may raise inside a step: what is one
+request's fault fails that request alone.
 """
 
 from __future__ import annotations
@@ -12,43 +13,44 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.detokenizer import DetokenizationError, TokenizerInfo
-from runtime.engine.kv_cache import KVCacheManager, bytes_per_slot, size_capacity
-from runtime.engine.model_runner import Batch, ModelRunner, PrefillItem, layer_groups
+from runtime.engine.kv_cache import PaddedKVManager, PagedKVManager
+from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
+from runtime.engine.runner import make_runner
 from runtime.engine.sampler import (
     Sampler,
     SamplerRow,
+    TokenHistory,
     encoder_input_token_details,
     input_token_details,
     make_generator,
 )
-from runtime.engine.scheduler import Scheduler
-from runtime.engine.sequence import SeqStatus, Sequence
+from runtime.engine.scheduler import Scheduled, Scheduler
+from runtime.engine.sequence import SeqStatus, Sequence, new_sequence
 from runtime.engine.stopping import DecodeStream
-from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, LoadedModel, load_model, model_max_sequence_length
-
-if TYPE_CHECKING:
-    from runtime.parallel.executor import ShardedRunner
+from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, LoadedModel, model_max_sequence_length
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StepStats:
-    """What one engine step did; front ends turn these into metrics (TGIS `tgi_batch_*`, `tgi_queue_*`)."""
+    """What one engine step did; front ends turn these into metrics (TGIS `tgi_batch_*`, `tgi_queue_*`).
 
-    method: str  # "prefill" | "next_token"
+    `method` is "prefill" when the step computed prompt tokens (possibly beside decodes: `decode_rows`), else
+    "next_token"; "idle" carries only the gauges, after work left the batch outside a step (an abort)."""
+
+    method: str
     batch_size: int
     duration_s: float = 0.0
     forward_s: float = 0.0
     tokproc_s: float = 0.0
-    total_tokens: int = 0
+    total_tokens: int = 0  # prompt tokens computed this step
     ok: bool = True
     failure_reason: str | None = None
     queue_size: int = 0
@@ -58,6 +60,11 @@ class StepStats:
     concatenated: bool = False
     queue_durations_s: list[float] = field(default_factory=list)
     preempted: int = 0  # running requests sent back to the queue for recomputation (KV cache full)
+    prompt_rows: int = 0  # rows computing prompt tokens
+    decode_rows: int = 0  # rows computing one generated token
+    scheduled_tokens: int = 0  # tokens computed this step (the budget's use)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache this step
+    prefix_cache_hits: int = 0  # of those, tokens found computed
 
 
 @dataclass
@@ -68,7 +75,7 @@ class Abort:
 
 
 class Shutdown:
-    """Inbox message: leave the loop (after the messages before it)."""
+    """Inbox message: drop all work and leave the loop (after the messages before it)."""
 
 
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
@@ -81,16 +88,8 @@ def _failure_reason(exc: BaseException) -> tuple[str, str]:
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        if loaded is None and config.tensor_parallel_size > 1:
-            from runtime.parallel.executor import start_sharded
-
-            self.runner: ModelRunner | ShardedRunner = start_sharded(config)
-            self.loaded = self.runner.loaded
-        else:
-            self.loaded = loaded or load_model(config.model_path, config.dtype, config.device,
-                                               config.trust_remote_code)
-            self.runner = ModelRunner(self.loaded)
-        lm = self.loaded
+        self.runner = make_runner(config, loaded)
+        self.loaded = lm = self.runner.loaded
         self.max_sequence_length = (config.max_sequence_length or model_max_sequence_length(config.model_path)
                                     or DEFAULT_MAX_SEQUENCE_LENGTH)
         self.start_id = lm.decoder_start_token_id if lm.is_encoder_decoder else None
@@ -98,9 +97,23 @@ class EngineCore:
         self.tok_info = TokenizerInfo.from_tokenizer(
             lm.tokenizer, seq2seq=lm.is_encoder_decoder, output_special_tokens=config.output_special_tokens,
             eos_token_id=lm.eos_token_id)
-        self.kv = KVCacheManager(self._kv_capacity(), self.start_id)
-        self.scheduler = Scheduler(config, self.kv)
-        self.batch: Batch | None = None
+        per_request = self.max_sequence_length * (2 if lm.is_encoder_decoder else 1)
+        if config.kv_cache_tokens and config.kv_cache_tokens < per_request:  # it could never be admitted
+            raise ValueError(f"kv_cache_tokens ({config.kv_cache_tokens}) must be at least one full request's slots "
+                             f"({per_request} for max_sequence_length {self.max_sequence_length})")
+        capacity = self.runner.kv_capacity(config, self.max_sequence_length)
+        if self.runner.paged:
+            self.kv: PagedKVManager | PaddedKVManager = PagedKVManager(capacity, config.block_size,
+                                                                      config.prefix_caching)
+            if (capacity - 1) * config.block_size < self.max_sequence_length:
+                raise ValueError(f"the KV cache holds {(capacity - 1) * config.block_size} tokens, less than one "
+                                 f"full request (max_sequence_length {self.max_sequence_length})")
+        else:
+            self.kv = PaddedKVManager(capacity, lm.is_encoder_decoder)
+        chunked = self.runner.chunked_prefill and config.chunked_prefill
+        self.scheduler = Scheduler(config, self.kv, config.token_budget(lm.device.type), chunked,
+                                   padded=not self.runner.paged)
+        self.released: list[str] = []  # sequences whose runner state goes with the next plan
         self.inbox: queue.Queue = queue.Queue()
         self.emit: Callable[[list[RequestOutput]], None] = lambda outputs: None
         self.listeners: list[Callable[[StepStats], None]] = []
@@ -115,24 +128,6 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.inbox.put(Shutdown())
-
-    # ---- set-up --------------------------------------------------------------------------------------------
-    def _kv_capacity(self) -> int:
-        """Slots from config, else measured bytes per slot (a 2-token warm-up prefill) against free memory."""
-        per_request = self.max_sequence_length * (2 if self.start_id is not None else 1)
-        if self.config.kv_cache_tokens:
-            if self.config.kv_cache_tokens < per_request:  # a full-length request could then never be admitted
-                raise ValueError(f"kv_cache_tokens ({self.config.kv_cache_tokens}) must be at least one full "
-                                 f"request's slots ({per_request} for max_sequence_length "
-                                 f"{self.max_sequence_length})")
-            return self.config.kv_cache_tokens
-        probe = PrefillItem(tokens=[self.loaded.pad_token_id] * 2,
-                            encoder_ids=None if self.start_id is None else [self.loaded.pad_token_id])
-        batch, _, _ = self.runner.prefill([probe])
-        tensors = [t for group in layer_groups(batch.cache) for layer in group for t in (layer.keys, layer.values)]
-        per_slot = bytes_per_slot(tensors, batch.slots)
-        return size_capacity(per_slot, self.loaded.device, self.config.kv_cache_memory_fraction,
-                             self.config.max_batch_size * per_request, per_request)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -151,19 +146,25 @@ class EngineCore:
             self.runner.close()
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued messages; False on shutdown."""
+        """Apply queued messages; False on shutdown (all work is dropped: nobody waits for it any more)."""
+        dropped = False
         while True:
             try:
                 msg = self.inbox.get(block=block)
             except queue.Empty:
-                return True
+                break
             block = False
             if isinstance(msg, Shutdown):
+                self.scheduler.finish(list(self.scheduler.running))
+                self.scheduler.waiting.clear()
                 return False
             if isinstance(msg, Abort):
-                self._abort(msg.request_id)
+                dropped |= self._abort(msg.request_id)
             else:
                 self._admit(msg)
+        if dropped and not self.scheduler.running:
+            self._publish(StepStats("idle", 0))  # gauges must be true at rest too
+        return True
 
     def _admit(self, request: EngineRequest) -> None:
         try:
@@ -171,127 +172,189 @@ class EngineCore:
         except Exception as exc:  # noqa: BLE001 - a bad request must fail alone, never stall its caller
             log.exception("could not set up request %s", request.request_id)
             self.emit([RequestOutput(request.request_id, finished=True, stop_reason=StopReason.ERROR,
-                                     error=_failure_reason(exc)[1])])
+                                     error=str(exc) if isinstance(exc, ValueError) else _failure_reason(exc)[1])])
             return
         self.scheduler.add(seq)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
+        if not request.input_ids and self.start_id is None:
+            raise ValueError("the input has no tokens to generate from")
         p = request.params
         stream = DecodeStream(self.tok_info, p.stop_sequences, p.include_stop_sequence, p.stream)
         gen = make_generator(p.seed or 0, self.loaded.device) if p.sampling else None
-        return Sequence(request, stream, gen)
+        return new_sequence(request, stream, gen, self.start_id)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str) -> bool:
+        """True when a running sequence left the batch."""
         seq = self.scheduler.find(request_id)
         if seq is None:
-            return
+            return False
+        seq.aborted = True
         if seq.status is SeqStatus.WAITING:
             self.scheduler.remove_waiting([seq])
+            self.scheduler.kv.release(seq)
             seq.status = SeqStatus.FINISHED
-        else:
-            seq.aborted = True
-            self._drop_finished()
+            return False
+        self._leave([seq])
+        return True
 
+    def _leave(self, seqs: list[Sequence]) -> None:
+        """Running sequences leave the batch: the cache and, with the next plan, the runner let go of them."""
+        self.scheduler.finish(seqs)
+        for seq in seqs:
+            if seq.runner_has_state:
+                self.released.append(seq.id)
+                seq.runner_has_state = False
+
+    # ---- one step ------------------------------------------------------------------------------------------
     def step(self) -> None:
-        now = time.monotonic()
-        expired = self.scheduler.expired(now)
-        if expired:
+        counters = (self.kv.counters.queries, self.kv.counters.hits) if self.runner.paged else (0, 0)
+        sched = self.scheduler.schedule()  # admissions look prompts up in the prefix cache
+        expired = self.scheduler.expired(time.monotonic())  # after scheduling: a request that reached a batch
+        if expired:                                          # always gets its first token (spec §1.11)
             self.scheduler.remove_waiting(expired)
             self.emit([self._finish_unstarted(s) for s in expired])
-        new = self.scheduler.schedule_prefill()
-        if new:
-            self._prefill(new)
-        if self.scheduler.running:
-            self._decode()
-
-    def _finish_unstarted(self, seq: Sequence) -> RequestOutput:
-        seq.status = SeqStatus.FINISHED
-        return RequestOutput(seq.id, finished=True, stop_reason=StopReason.TIME_LIMIT, output_text="",
-                             queue_time=time.monotonic() - seq.arrival)
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        t0 = time.monotonic()
-        items = [s.prefill_item(self.start_id) for s in seqs]
-        stats = StepStats("prefill", len(seqs), total_tokens=len(seqs) * max(len(it.tokens) for it in items),
-                          concatenated=self.batch is not None)
-        try:
-            batch, logits, prompt_logits = self.runner.prefill(items)
-            t1 = time.monotonic()
-            outputs = self._sample_and_advance(seqs, logits, prompt_logits, t0)
-        except Exception as exc:  # noqa: BLE001 - any model failure fails just the new entries (TGIS §2.4)
-            self._fail(seqs, stats, exc)
+        for seq in sched.preempted:
+            log.info("KV cache full: preempted %s for recomputation", seq.id)
+            if seq.runner_has_state:
+                self.released.append(seq.id)
+                seq.runner_has_state = False
+            seq.sent_blocks = 0
+        if not sched.rows:
+            if self.released:
+                self.runner.execute(StepPlan([], self._take_released()))
             return
-        for seq in seqs:
+        self._run(sched, counters)
+
+    def _take_released(self) -> list[str]:
+        released, self.released = self.released, []
+        return released
+
+    def _run(self, sched: Scheduled, counters: tuple[int, int]) -> None:
+        t0 = time.monotonic()
+        plan = StepPlan([self._row_plan(seq, n) for seq, n in sched.rows], self._take_released())
+        prompt_rows = [r for r in plan.rows if not r.is_decode]
+        stats = StepStats("prefill" if prompt_rows else "next_token", len(plan.rows), preempted=len(sched.preempted),
+                          prompt_rows=len(prompt_rows), decode_rows=len(plan.rows) - len(prompt_rows),
+                          scheduled_tokens=plan.num_tokens, total_tokens=sum(len(r.tokens) for r in prompt_rows),
+                          concatenated=bool(sched.admitted) and len(sched.admitted) < len(plan.rows))
+        if self.runner.paged:
+            stats.prefix_cache_queries = self.kv.counters.queries - counters[0]
+            stats.prefix_cache_hits = self.kv.counters.hits - counters[1]
+        seqs = [seq for seq, _ in sched.rows]
+        for seq in sched.admitted:
             if seq.first_scheduled is None:
                 seq.first_scheduled = t0
                 stats.queue_durations_s.append(t0 - seq.arrival)
-        self.batch = self.runner.merge(self.batch, batch)
-        self.scheduler.running.extend(seqs)
-        self._drop_finished()
-        self.emit(outputs)
-        t2 = time.monotonic()
-        stats.forward_s, stats.tokproc_s, stats.duration_s = t1 - t0, t2 - t1, t2 - t0
-        self._publish(stats)
-
-    def _decode(self) -> None:
-        preempted = self.scheduler.preempt_for_step()
-        if preempted:
-            log.info("KV cache full: preempted %d request(s) for recomputation", len(preempted))
-            self.batch = self.runner.keep(self.batch, list(range(len(self.scheduler.running))))
-        seqs = list(self.scheduler.running)
-        t0 = time.monotonic()
-        stats = StepStats("next_token", len(seqs), preempted=len(preempted))
         try:
-            last = torch.tensor([s.generated[-1] for s in seqs], dtype=torch.long)
-            logits = self.runner.decode(self.batch, last)
-            t1 = time.monotonic()
-            outputs = self._sample_and_advance(seqs, logits, None, t0)
-        except Exception as exc:  # noqa: BLE001 - a failed step fails every running entry (TGIS §2.4)
-            self.batch = None
-            self.scheduler.running.clear()
+            output = self.runner.execute(plan)
+        except Exception as exc:  # noqa: BLE001 - a failed forward fails the rows it computed (TGIS §2.4)
             self._fail(seqs, stats, exc)
             return
-        self.scheduler.waiting_steps += 1
-        self._drop_finished()
+        t1 = time.monotonic()
+        for seq, n in sched.rows:
+            seq.num_computed += n
+            seq.runner_has_state = True
+            self.kv.commit(seq)
+        outputs = self._sample_and_advance(sched.rows, plan, output, t0)
+        self._leave([s for s in seqs if s.status is SeqStatus.FINISHED or s.aborted])
         self.emit(outputs)
+        if self.config.debug_checks and self.runner.paged:
+            self.kv.check(self.scheduler.running + list(self.scheduler.waiting))
         t2 = time.monotonic()
         stats.forward_s, stats.tokproc_s, stats.duration_s = t1 - t0, t2 - t1, t2 - t0
         self._publish(stats)
 
-    def _sample_and_advance(self, seqs: list[Sequence], logits: torch.Tensor,
-                            prompt_logits: list[torch.Tensor | None] | None, started: float) -> list[RequestOutput]:
-        rows = [SamplerRow(s.params, len(s.generated), self._history(s), s.generator) for s in seqs]
-        result = self.sampler(logits, rows)
+    def _row_plan(self, seq: Sequence, n: int) -> RowPlan:
+        start, new = seq.num_computed, not seq.runner_has_state
+        prefix = seq.request.prefix
+        row = RowPlan(seq.id, seq.tokens[start:start + n], start, sample=start + n == len(seq.tokens),
+                      prompt_logits=seq.wants_input_details and self.start_id is None, new=new,
+                      new_blocks=seq.blocks[seq.sent_blocks:], reused_blocks=start // self.config.block_size if new
+                      else 0)
+        seq.sent_blocks = len(seq.blocks)
+        if new:
+            row.encoder_ids = seq.encoder_ids
+            row.lora = seq.request.lora
+            if prefix is not None:
+                row.decoder_prefix, row.encoder_prefix = prefix.decoder, prefix.encoder
+        return row
+
+    def _sample_and_advance(self, rows: list[tuple[Sequence, int]], plan: StepPlan, output: ModelOutput,
+                            started: float) -> list[RequestOutput]:
+        for (seq, _), row in zip(rows, plan.rows, strict=True):
+            if row.prompt_logits:
+                self._collect_input_details(seq, row, output.prompt_logits[row.seq_id])
+        sampled = [seq for (seq, _), row in zip(rows, plan.rows, strict=True) if row.sample]
+        if not sampled:
+            return []
+        tokens, details = self._sample(output.logits, sampled)
         now = time.monotonic()
         outputs = []
-        for i, seq in enumerate(seqs):
+        for i, seq in enumerate(sampled):
+            if tokens[i] is None:  # this request's own parameters broke sampling: it fails alone
+                seq.status = SeqStatus.FINISHED
+                outputs.append(self._error_output(seq, "sampling failed for this request's parameters"))
+                continue
             try:
-                out = self._advance(seq, result.token_ids[i], result.details[i], now)
+                out = self._advance(seq, tokens[i], details[i], now)
             except DetokenizationError as exc:  # fails this request alone (spec §3.2)
                 seq.status = SeqStatus.FINISHED
                 out = RequestOutput(seq.id, generated_token_count=len(seq.generated), finished=True,
                                     stop_reason=StopReason.ERROR, error=str(exc), error_stage="detokenization")
             if seq.params.input_tokens and not seq.input_details_sent:
-                out.input_tokens = self._input_details(seq, None if prompt_logits is None else prompt_logits[i])
+                out.input_tokens = self._input_details(seq)
                 seq.input_details_sent = True
             if not seq.aborted:
                 outputs.append(out)
         return outputs
 
-    def _history(self, seq: Sequence) -> list[int]:
-        """Repetition-penalty ids; only rows with a penalty read them, so the others skip the O(length) copy."""
-        return seq.decoder_tokens(self.start_id) if seq.params.repetition_penalty != 1.0 else []
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None], list]:
+        """Sample the batch; if that raises, each row alone, so that only rows that fail by themselves fail."""
+        rows = [self._sampler_row(s) for s in seqs]
+        try:
+            result = self.sampler(logits, rows)
+            return result.token_ids, result.details
+        except Exception:  # noqa: BLE001 - isolate the row at fault
+            log.exception("sampling failed for a batch of %d; retrying row by row", len(rows))
+        tokens: list[int | None] = []
+        details: list = []
+        for i, row in enumerate(rows):
+            try:
+                one = self.sampler(logits[i:i + 1], [row])
+                tokens.append(one.token_ids[0])
+                details.append(one.details[0])
+            except Exception:  # noqa: BLE001
+                log.exception("sampling failed for request %s", seqs[i].id)
+                tokens.append(None)
+                details.append(None)
+        return tokens, details
 
-    def _input_details(self, seq: Sequence, prompt_logits: torch.Tensor | None) -> list[TokenDetail]:
-        ids = seq.prefixed_prompt(self.start_id is not None)
+    def _sampler_row(self, seq: Sequence) -> SamplerRow:
+        if seq.params.repetition_penalty != 1.0 and seq.history is None:
+            seq.history = TokenHistory(seq.tokens, self.loaded.vocab_size, self.loaded.device)
+        return SamplerRow(seq.params, len(seq.generated), seq.history, seq.generator)
+
+    def _collect_input_details(self, seq: Sequence, row: RowPlan, logits: torch.Tensor) -> None:
+        """Input-token details of the prompt positions this chunk scored (position i scores token i + 1)."""
+        ids = seq.tokens[:seq.prompt_length]
+        seq.input_details += input_token_details(logits, ids, seq.params, start=row.start)
+
+    def _input_details(self, seq: Sequence) -> list[TokenDetail]:
         if self.start_id is not None:
-            return encoder_input_token_details(ids, seq.params)
-        return input_token_details(prompt_logits[: len(ids)], ids, seq.params)
+            return encoder_input_token_details(seq.encoder_ids, seq.params)
+        return seq.input_details
+
+    def _finish_unstarted(self, seq: Sequence) -> RequestOutput:
+        seq.status = SeqStatus.FINISHED
+        self.scheduler.kv.release(seq)
+        return RequestOutput(seq.id, finished=True, stop_reason=StopReason.TIME_LIMIT, output_text="",
+                             queue_time=time.monotonic() - seq.arrival)
 
     def _advance(self, seq: Sequence, token: int, detail: TokenDetail | None, now: float) -> RequestOutput:
         """Append one token and apply TGIS' stop-reason precedence (§1.11)."""
         p = seq.params
-        seq.generated.append(token)
+        seq.append(token)
         n = len(seq.generated)
         eos = token == self.loaded.eos_token_id
         reason = None
@@ -319,33 +382,23 @@ class EngineCore:
             seq.status = SeqStatus.FINISHED
         return out
 
-    def _drop_finished(self) -> None:
-        """Remove finished and aborted rows from the running batch."""
-        running = self.scheduler.running
-        keep = [i for i, s in enumerate(running) if s.status is SeqStatus.RUNNING and not s.aborted]
-        if len(keep) != len(running):
-            for i, s in enumerate(running):
-                if i not in keep:
-                    s.status = SeqStatus.FINISHED
-            self.batch = self.runner.keep(self.batch, keep) if self.batch is not None else None
-            self.scheduler.running = [running[i] for i in keep]
-
     def _fail(self, seqs: list[Sequence], stats: StepStats, exc: BaseException) -> None:
         reason, detail = _failure_reason(exc)
         log.error("%s step failed: %s", stats.method, detail)
         self.healthy = False
         for seq in seqs:
             seq.status = SeqStatus.FINISHED
-        done = [s for s in seqs if not s.aborted]
-        self.emit([self._error_output(s, detail) for s in done])
+        self._leave(seqs)
+        self.emit([self._error_output(s, detail) for s in seqs if not s.aborted])
         stats.ok, stats.failure_reason = False, reason
         self._publish(stats)
 
     def _fail_all(self, detail: str) -> None:
         seqs = [*self.scheduler.running, *self.scheduler.waiting]
-        self.scheduler.running.clear()
+        self._leave(list(self.scheduler.running))
+        for seq in self.scheduler.waiting:
+            self.scheduler.kv.release(seq)
         self.scheduler.waiting.clear()
-        self.batch = None
         self.healthy = False
         self.emit([self._error_output(s, detail) for s in seqs if not s.aborted])
 
@@ -357,13 +410,14 @@ class EngineCore:
                              error=prefix + detail)
 
     def _publish(self, stats: StepStats) -> None:
-        if stats.ok:
+        if stats.ok and stats.method != "idle":
             self.healthy = True
-        sched = self.scheduler
-        stats.queue_size = len(sched.waiting)
-        stats.running = len(sched.running)
-        stats.batch_input_tokens = self.batch.mask.numel() if self.batch is not None else 0
-        stats.remaining_tokens = sum(s.remaining for s in sched.running)
+        running = self.scheduler.running
+        stats.queue_size = len(self.scheduler.waiting)
+        stats.running = len(running)
+        if running:
+            lengths = [len(s.tokens) + s.encoder_length for s in running]
+            stats.batch_input_tokens = len(lengths) * max(lengths) if self.scheduler.padded else sum(lengths)
+        stats.remaining_tokens = sum(s.remaining for s in running)
         for fn in self.listeners:
             fn(stats)
-

@@ -25,11 +25,26 @@ NEG_INF = float("-inf")
 INPUT_CHUNK = 256  # prompt positions scored at once: bounds the [chunk, V] temporaries for long prompts
 
 
+class TokenHistory:
+    """The ids a sequence has seen (prompt + generated; decoder ids for seq2seq), as a device bitmap updated in place:
+    the repetition penalty then costs O(vocabulary) per step, never O(context). Ids past the vocabulary (added
+    tokens the model has no logits for) land in one extra column."""
+
+    def __init__(self, ids: list[int], vocab_size: int, device: torch.device | str = "cpu"):
+        self.vocab_size = vocab_size
+        self.mask = torch.zeros(vocab_size + 1, dtype=torch.bool, device=device)
+        if ids:
+            self.mask[torch.tensor(ids, dtype=torch.long).clamp_(max=vocab_size).to(device)] = True
+
+    def append(self, token: int) -> None:
+        self.mask[min(token, self.vocab_size)] = True
+
+
 @dataclass
 class SamplerRow:
     params: GenerationParams
     num_generated: int  # tokens generated before this step
-    history: list[int]  # repetition-penalty ids: prompt + generated (decoder ids for seq2seq)
+    history: TokenHistory | None  # needed only with a repetition penalty; the sampler appends the chosen token
     generator: torch.Generator | None  # per request, seeded once; persists across steps
 
 
@@ -50,8 +65,17 @@ def _column(values: list[float], like: torch.Tensor, dtype: torch.dtype | None =
     return torch.tensor(values, dtype=dtype or like.dtype).to(like.device, non_blocking=True).unsqueeze(1)
 
 
+def _decay(decay: float, power: int) -> float:
+    """decay^power - 1 in double, as HF computes it; past the float range it is infinite instead of raising."""
+    try:
+        return decay**power - 1
+    except OverflowError:
+        return math.inf
+
+
 def _eos_adjust(scores: torch.Tensor, rows: list[SamplerRow], eos: int) -> None:
-    """min_new_tokens masks EOS; past `start`, the length penalty raises it: e + |e| * (decay^p - 1)."""
+    """min_new_tokens masks EOS; past `start`, the length penalty raises it: e + |e| * (decay^p - 1). A penalty
+    beyond float32 saturates at the largest finite score, so the row still has a finite softmax."""
     masked, penalised, factors = [], [], []
     for i, r in enumerate(rows):
         if r.num_generated < r.params.min_new_tokens:
@@ -60,27 +84,29 @@ def _eos_adjust(scores: torch.Tensor, rows: list[SamplerRow], eos: int) -> None:
             start, decay = r.params.length_penalty
             if r.num_generated - start > 0:
                 penalised.append(i)
-                factors.append(decay ** (r.num_generated - start) - 1)  # in double, like HF
+                factors.append(_decay(decay, r.num_generated - start))
     if penalised:
         idx = torch.tensor(penalised, device=scores.device)
         e = scores[idx, eos]
-        penalty = e.abs() * torch.tensor(factors, dtype=scores.dtype).to(scores.device)
-        scores[idx, eos] = e + penalty.masked_fill(~e.isfinite(), 0.0)  # ±inf stays put instead of turning NaN
+        penalty = (e.abs() * torch.tensor(factors, dtype=scores.dtype).to(scores.device)).nan_to_num_(nan=0.0)
+        raised = (e + penalty.masked_fill(~e.isfinite(), 0.0)).clamp_(max=torch.finfo(scores.dtype).max)
+        scores[idx, eos] = raised  # ±inf scores stay put instead of turning NaN
     if masked:
         scores[torch.tensor(masked, device=scores.device), eos] = NEG_INF
 
 
 def _repetition_penalty(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
-    """CTRL style: each id in the row's history, once: score < 0 → score·θ, else score/θ (θ = 1 rows untouched)."""
-    batch, vocab = scores.shape
-    row_of = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 for _ in r.history]
-    ids = [t for r in rows if r.params.repetition_penalty != 1.0 for t in r.history]
-    seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=scores.device)  # column `vocab` catches strays
-    ids_t = torch.tensor(ids, dtype=torch.long).clamp_(max=vocab).to(scores.device)
-    seen[torch.tensor(row_of, dtype=torch.long).to(scores.device), ids_t] = True
-    theta = _column([r.params.repetition_penalty for r in rows], scores)
-    penalised = torch.where(scores < 0, scores * theta, scores / theta)
-    return torch.where(seen[:, :vocab], penalised, scores)
+    """CTRL style: each id in the row's history, once: score < 0 → score·θ, else score/θ (θ = 1 rows untouched).
+    A tiny θ could push a score past float32: it saturates at the largest finite score."""
+    chosen = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+
+    def penalise(part: torch.Tensor, _) -> torch.Tensor:
+        seen = torch.stack([rows[i].history.mask[: part.shape[1]] for i in chosen])
+        theta = _column([rows[i].params.repetition_penalty for i in chosen], part)
+        penalised = torch.where(part < 0, part * theta, part / theta).clamp_(max=torch.finfo(part.dtype).max)
+        return torch.where(seen, penalised, part)
+
+    return _on_rows(scores, chosen, penalise, chosen)
 
 
 def _top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -214,6 +240,10 @@ class Sampler:
         if any(p.sampling for p in params):
             scores = _warp(scores, params)
         chosen = _choose(scores, rows)
+        tokens = chosen.tolist()  # the step's one device-to-host synchronisation
+        for r, token in zip(rows, tokens, strict=True):
+            if r.history is not None:
+                r.history.append(token)
         want = [i for i, p in enumerate(params) if p.generated_tokens]
         details: list[TokenDetail | None] = [None] * len(rows)
         if len(want) == len(rows):
@@ -222,18 +252,22 @@ class Sampler:
             idx = torch.tensor(want, device=scores.device)
             for i, d in zip(want, _details(scores[idx], chosen[idx], [params[i] for i in want]), strict=True):
                 details[i] = d
-        return SampleResult(chosen.tolist(), details)
+        return SampleResult(tokens, details)
 
 
-def input_token_details(logits: torch.Tensor, input_ids: list[int], params: GenerationParams) -> list[TokenDetail]:
-    """Decoder-only input tokens (§1.9): logits [L, V] raw, position i predicting token i+1. The first position has
-    logprob NaN (when asked) and no rank or top tokens; the rest are scored against the raw logits, no processing."""
-    details = [TokenDetail(input_ids[0], math.nan if params.token_logprobs else None)]
-    for start in range(1, len(input_ids), INPUT_CHUNK):
-        end = min(start + INPUT_CHUNK, len(input_ids))
-        raw = logits[start - 1 : end - 1].float()
-        targets = torch.tensor(input_ids[start:end]).to(raw.device)
-        details += _details(raw, targets, [params] * (end - start))
+def input_token_details(logits: torch.Tensor, input_ids: list[int], params: GenerationParams,
+                        start: int = 0) -> list[TokenDetail]:
+    """Decoder-only input tokens (§1.9). `logits` [n, V] are the raw logits of positions start .. start + n - 1
+    (position i predicting token i + 1), a whole prompt or one chunk of it; returns the details of the input tokens
+    they score. The first position has logprob NaN (when asked) and no rank or top tokens; the rest are scored
+    against the raw logits, no processing."""
+    details = [TokenDetail(input_ids[0], math.nan if params.token_logprobs else None)] if start == 0 else []
+    stop = min(start + logits.shape[0], len(input_ids) - 1)  # positions whose next token is an input token
+    for a in range(start, stop, INPUT_CHUNK):
+        b = min(a + INPUT_CHUNK, stop)
+        raw = logits[a - start:b - start].float()
+        targets = torch.tensor(input_ids[a + 1:b + 1]).to(raw.device)
+        details += _details(raw, targets, [params] * (b - a))
     return details
 
 

@@ -1,4 +1,4 @@
-"""Per-request engine state: what has been generated, its text stream, its RNG."""
+"""Per-request engine state: its tokens, how many of them the KV cache holds, its text stream, its RNG."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.engine.model_runner import PrefillItem
-from runtime.engine.request import EngineRequest, GenerationParams
+from runtime.engine.request import EngineRequest, GenerationParams, TokenDetail
+from runtime.engine.sampler import TokenHistory
 from runtime.engine.stopping import DecodeStream
 
 
@@ -21,13 +21,27 @@ class SeqStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
+    """`tokens` is what the decoder's cache must hold: [prefix placeholders] + prompt + generated (decoder-only), or
+    [prefix placeholders] + decoder start + generated (encoder-decoder). It grows by one id per generated token, so
+    nothing per step is proportional to the context. A preempted sequence keeps `tokens` and is recomputed."""
+
     request: EngineRequest
     stream: DecodeStream
     generator: torch.Generator | None
+    tokens: list[int]
+    encoder_ids: list[int] | None = None  # encoder-decoder: [prefix placeholders] + prompt
+    prompt_length: int = 0  # leading `tokens` that are input (what input-token details cover, decoder-only)
+    history: TokenHistory | None = None  # repetition-penalty ids, made on first use
     arrival: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0  # leading tokens whose KV the cache holds
+    blocks: list[int] = field(default_factory=list)  # paged KV: block table
+    block_hashes: list[int] = field(default_factory=list)  # paged KV: hashes of the leading full blocks
+    runner_has_state: bool = False  # the runner holds this sequence (cleared when it is released)
+    sent_blocks: int = 0  # block-table entries the runner already has
     first_scheduled: float | None = None  # when it first entered a batch (queue time ends here)
+    input_details: list[TokenDetail] = field(default_factory=list)  # accumulated over prompt chunks
     input_details_sent: bool = False
     aborted: bool = False
 
@@ -40,52 +54,54 @@ class Sequence:
         return self.request.params
 
     @property
-    def prompt(self) -> list[int]:
-        return self.request.input_ids
-
-    @property
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.generated)
 
-    def _virtual(self, part: str) -> int:
-        """Virtual (prompt-prefix) positions before the `part` ("decoder"/"encoder") ids."""
-        prefix = self.request.prefix
-        return 0 if prefix is None else getattr(prefix, f"{part}_length")
+    @property
+    def to_compute(self) -> int:
+        return len(self.tokens) - self.num_computed
 
-    def _with_prefix(self, ids: list[int], part: str) -> list[int]:
-        """`ids` after the prefix's virtual positions of `part`, shown as a placeholder id."""
-        length = self._virtual(part)
-        return [self.request.prefix.placeholder_id] * length + ids if length else ids
-
-    def decoder_length(self, start_id: int | None) -> int:
-        """len(decoder_tokens(start_id)) without building the list (the scheduler asks every step)."""
-        return self._virtual("decoder") + (len(self.prompt) if start_id is None else 1) + len(self.generated)
-
+    @property
     def encoder_length(self) -> int:
-        """len(prefixed_prompt(True)) without building the list."""
-        return self._virtual("encoder") + len(self.prompt)
+        return len(self.encoder_ids or ())
 
-    def decoder_tokens(self, start_id: int | None) -> list[int]:
-        """Decoder ids the cache must hold: [prefix] + prompt + generated (decoder-only) or [prefix] + start +
-        generated (seq2seq). Including already generated ids is what makes a preempted request resume by
-        recomputation."""
-        return self._with_prefix(self.prompt if start_id is None else [start_id], "decoder") + self.generated
+    @property
+    def wants_input_details(self) -> bool:
+        return self.params.input_tokens and not self.input_details_sent
 
-    def prefixed_prompt(self, encoder_decoder: bool) -> list[int]:
-        """[prefix] + prompt: the encoder input (encoder-decoder) or the decoder-only prompt; the positions that
-        input-token details cover."""
-        return self._with_prefix(self.prompt, "encoder" if encoder_decoder else "decoder")
-
-    def prefill_item(self, start_id: int | None) -> PrefillItem:
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Input-token details need logits at every prompt position, so such a request computes them all; a prompt
+        prefix without a name (built in code, not from the store) cannot be told apart from another one."""
         prefix = self.request.prefix
-        return PrefillItem(
-            tokens=self.decoder_tokens(start_id),
-            encoder_ids=None if start_id is None else self.prefixed_prompt(True),
-            prompt_logits=self.params.input_tokens and not self.input_details_sent and start_id is None,
-            decoder_prefix=None if prefix is None else prefix.decoder,
-            encoder_prefix=None if prefix is None else prefix.encoder,
-            lora=self.request.lora,
-        )
+        return not self.wants_input_details and self.encoder_ids is None and (prefix is None or bool(prefix.name))
+
+    @property
+    def cache_salt(self) -> tuple:
+        """Cached KV is only shared between sequences with the same prompt prefix and adapter."""
+        prefix, lora = self.request.prefix, self.request.lora
+        return (None if prefix is None else prefix.name, None if lora is None else lora.name)
+
+    def append(self, token: int) -> None:
+        self.generated.append(token)
+        self.tokens.append(token)
 
     def deadline_passed(self, now: float) -> bool:
         return self.params.deadline is not None and now >= self.params.deadline
+
+
+def new_sequence(request: EngineRequest, stream: DecodeStream, generator: torch.Generator | None,
+                 start_id: int | None) -> Sequence:
+    """The sequence of `request`: decoder-only models cache prompt + generated, encoder-decoder models encode the
+    prompt once and cache decoder start + generated. Prompt-prefix positions are placeholder ids (what input-token
+    details show); the runner writes the prefix's embeddings over them."""
+    prefix = request.prefix
+
+    def placeholders(length: int) -> list[int]:
+        return [prefix.placeholder_id] * length if length else []
+
+    if start_id is None:
+        tokens = placeholders(prefix.decoder_length if prefix else 0) + list(request.input_ids)
+        return Sequence(request, stream, generator, tokens, prompt_length=len(tokens))
+    return Sequence(request, stream, generator, placeholders(prefix.decoder_length if prefix else 0) + [start_id],
+                    encoder_ids=placeholders(prefix.encoder_length if prefix else 0) + list(request.input_ids))

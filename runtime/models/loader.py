@@ -97,15 +97,40 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
             shard_model(model, *shard)
     model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    log.info("loaded %s (%s) on %s as %s", model_path, type(model).__name__, dev, dt)
+    return LoadedModel(model, tokenizer, dev, dt, seq2seq, *special_ids(config, tokenizer), vocab)
+
+
+def load_dummy_model(model_path: str | Path, dtype: str | None = None, device: str | None = None,
+                     seed: int = 0) -> LoadedModel:
+    """The transformers model of a weightless model directory (runtime.models.dummy.write_dummy_model) with seeded
+    random weights, built directly on the device: benchmarks of shapes whose weights are not here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(model_path)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    torch.manual_seed(seed)
+    with dev:  # tied embeddings stay tied (unlike under accelerate's init_empty_weights)
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config, dtype=dt).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    log.info("built %s (%s) with random weights on %s as %s", model_path, type(model).__name__, dev, dt)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return LoadedModel(model, tokenizer, dev, dt, seq2seq, *special_ids(config, tokenizer), vocab)
+
+
+def special_ids(config, tokenizer) -> tuple[int | None, int, int | None]:
+    """(EOS, pad, decoder start) as TGIS picks them: EOS from the config, else the tokenizer's (TGIS #93); pad from
+    the config, the tokenizer, EOS or 0; the decoder start (encoder-decoder models) from the config, BOS or pad."""
     eos = _first(config.eos_token_id)
-    if eos is None:  # TGIS falls back to the tokenizer's EOS when the config has none (TGIS #93)
+    if eos is None:
         eos = tokenizer.eos_token_id
     pad = _first(config.pad_token_id)
     for candidate in (tokenizer.pad_token_id, eos, 0):
         if pad is None:
             pad = candidate
     start = getattr(config, "decoder_start_token_id", None)
-    if seq2seq and start is None:
+    if getattr(config, "is_encoder_decoder", False) and start is None:
         start = config.bos_token_id if config.bos_token_id is not None else pad
-    log.info("loaded %s (%s) on %s as %s", model_path, type(model).__name__, dev, dt)
-    return LoadedModel(model, tokenizer, dev, dt, seq2seq, eos, pad, start, vocab)
+    return eos, pad, start

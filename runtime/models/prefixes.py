@@ -37,6 +37,7 @@ class PromptPrefix:
     encoder: torch.Tensor | None  # [n, d] virtual encoder positions (encoder-decoder only)
     placeholder_id: int  # the id that stands for a virtual position in token lists (TGIS shows the pad token)
     encoder_decoder: bool
+    name: str = ""  # the prefix id: cached KV is shared only between requests with the same prefix
 
     @property
     def decoder_length(self) -> int:
@@ -109,7 +110,8 @@ class PrefixStore:
             decoder, encoder = (self._load_pt(folder / f"{part}.pt") for part in ("decoder", "encoder"))
             if decoder is None and (encoder is None or not self.encoder_decoder):
                 raise PrefixNotFound(f"Prefix id {echo(prefix_id)} not found")
-        return PromptPrefix(self._check(decoder), self._check(encoder), self.placeholder_id, self.encoder_decoder)
+        return PromptPrefix(self._check(decoder), self._check(encoder), self.placeholder_id, self.encoder_decoder,
+                            prefix_id)
 
     def _load_peft(self, folder: Path, prefix_id: str) -> torch.Tensor:
         if self.encoder_decoder:

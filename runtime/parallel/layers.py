@@ -61,7 +61,7 @@ def _all_reduce_output(module: nn.Module, args, output: torch.Tensor) -> torch.T
     return output
 
 
-def _take(t: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+def take(t: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
     parts = [t.narrow(dim, a, b - a) for a, b in ranges]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)).contiguous()
 
@@ -70,9 +70,9 @@ def _slice_projection(module: nn.Module, split: str, ranges: Ranges, keep_bias: 
     """Keep output features (`column`) or input features (`row`); Conv1D (GPT-2) stores its weight transposed."""
     out_dim = 1 if isinstance(module, Conv1D) else 0
     dim = out_dim if split == "column" else 1 - out_dim
-    module.weight = nn.Parameter(_take(module.weight.data, dim, ranges), requires_grad=False)
+    module.weight = nn.Parameter(take(module.weight.data, dim, ranges), requires_grad=False)
     if module.bias is not None and split == "column":
-        module.bias = nn.Parameter(_take(module.bias.data, 0, ranges), requires_grad=False)
+        module.bias = nn.Parameter(take(module.bias.data, 0, ranges), requires_grad=False)
     elif module.bias is not None and not keep_bias:  # summed by the all-reduce: added by rank 0 only
         module.bias = nn.Parameter(torch.zeros_like(module.bias), requires_grad=False)
     for attr, size_dim in (("out_features", 0), ("in_features", 1), ("nf", 1)):
@@ -110,7 +110,7 @@ def shard_model(model: nn.Module, rank: int, world_size: int) -> list[str]:
             if rule.unit in ("q", "qkv", "qkv_blocks"):
                 attention.add(name.rpartition(".")[0])
         elif rule.split == "heads":  # a [buckets, heads] table
-            module.weight = nn.Parameter(_take(module.weight.data, 1, p.ranges["heads"][rank]), requires_grad=False)
+            module.weight = nn.Parameter(take(module.weight.data, 1, p.ranges["heads"][rank]), requires_grad=False)
     for name in attention:
         _tell_heads(modules[name], p.q_heads[rank], p.kv_heads[rank], p.head_dim)
     [(start, stop)] = p.ranges["vocab"][rank]

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tgis.server")
 
 SERVICE_NAME = SERVICE.full_name
+# grpc.health.v1 names answered SERVING once the model is loaded (Kubernetes' native gRPC probes ask for them)
+HEALTH_SERVICES = ("", SERVICE_NAME)
 _LOG_EXTRAS = ("correlation_id", "request_id", "input_toks")
 
 
@@ -106,7 +108,9 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
     return EngineConfig(
         model_path=str(model_dir), dtype=config.effective_dtype, device=config.device,
         max_sequence_length=max_sequence_length, max_batch_size=config.max_batch_size,
-        max_waiting_tokens=config.max_waiting_tokens, max_prefill_tokens=config.max_prefill_tokens,
+        max_waiting_tokens=config.max_waiting_tokens, max_num_batched_tokens=config.max_num_batched_tokens,
+        chunked_prefill=config.chunked_prefill, prefix_caching=config.prefix_caching, engine=config.effective_engine,
+        cuda_graphs=config.cuda_graphs, compile=config.pt2_compile, load_format=config.load_format,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
         output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code,
         tensor_parallel_size=config.world_size, cuda_memory_fraction=config.cuda_process_memory_fraction)
@@ -198,7 +202,7 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     except RuntimeError as exc:  # taken since the check at start
         raise ConfigError(f"cannot listen on {address} for gRPC ({exc}): choose another --grpc-port") from exc
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http = HealthMetricsServer(config.host, config.port, asyncio.get_running_loop(), engine.check_health,
                                metrics.render)

@@ -5,8 +5,12 @@ models (T5, BART), because it only relies on the public forward signature and on
 per-layer `[batch, heads, seq, head_dim]` key/value tensors. A running batch is left-padded to its longest row;
 a newly prefilled group is merged by left-padding both sides to a common length and concatenating along the batch
 dimension, so joining never recomputes anyone's cache. Finished rows are dropped and fully padded leading columns
-trimmed. The price is padding waste (tracked as KV slots) and a cache re-concatenation per step; a paged native
-model path is the planned fast path on GPU.
+trimmed. The price is padding waste (tracked as KV slots) and a cache re-concatenation per step; the native paged
+runner (runtime/engine/native_runner.py) is the fast path for the architectures it has.
+
+It takes the same step plans as every runner, with whole prompts only (it cannot continue a prompt in a later
+step): the plan's new rows are prefilled as one group, its decode rows (which are always every running row) decoded
+as one batch, and the logits returned in plan order.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from runtime.engine.config import EngineConfig
+from runtime.engine.kv_cache import free_memory_bytes
 from runtime.engine.lora import LoraManager, LoraRef
+from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
 from runtime.models.loader import LoadedModel
 
 
@@ -46,7 +53,6 @@ class Batch:
     enc_hidden: torch.Tensor | None = None  # [B, S, d] encoder output (encoder-decoder only)
     enc_mask: torch.Tensor | None = None  # [B, S]
     loras: list[LoraRef | None] | None = None  # per row; None when no row uses an adapter
-    handle: int | None = None  # tensor parallelism: the name of the other ranks' copies of this batch
 
     @property
     def size(self) -> int:
@@ -117,13 +123,17 @@ def _first_used_column(mask: torch.Tensor) -> int:
     return int((mask.sum(0) > 0).nonzero()[0].item())
 
 
-class ModelRunner:
-    """Runs prefill and decode forwards for one loaded model and maintains padded batches."""
+class TransformersRunner:
+    """Runs prefill and decode forwards for one loaded transformers model over one padded batch."""
 
+    paged = False  # capacity is padded slots, not blocks
+    chunked_prefill = False  # prompts are prefilled whole
     failure: str | None = None  # set by runners that can break beyond one step (tensor-parallel groups)
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
+        self.batch: Batch | None = None
+        self.row_ids: list[str] = []  # sequence id of each batch row
         self.model = loaded.model
         self.device = loaded.device
         self.pad = loaded.pad_token_id
@@ -139,6 +149,51 @@ class ModelRunner:
             # per step at batch 48 on an H100). The memory-efficient kernel has no per-shape set-up.
             torch.backends.cuda.enable_cudnn_sdp(False)
 
+    # ---- the runner interface -------------------------------------------------------------------------------
+    def kv_capacity(self, config: EngineConfig, max_sequence_length: int) -> int:
+        """Slots: given, or measured bytes per slot (a 2-token warm-up prefill) against free memory, capped at what
+        the batch limits can ever use."""
+        per_request = max_sequence_length * (2 if self.loaded.is_encoder_decoder else 1)
+        if config.kv_cache_tokens:
+            return config.kv_cache_tokens
+        pad = self.loaded.pad_token_id
+        probe = PrefillItem(tokens=[pad] * 2, encoder_ids=[pad] if self.loaded.is_encoder_decoder else None)
+        batch, _, _ = self.prefill([probe])
+        tensors = [t for group in layer_groups(batch.cache) for layer in group for t in (layer.keys, layer.values)]
+        per_slot = max(1, sum(t.numel() * t.element_size() for t in tensors) // batch.slots)
+        fit = int(free_memory_bytes(self.device) * config.kv_cache_memory_fraction) // per_slot
+        return max(per_request, min(fit, config.max_batch_size * per_request))
+
+    def execute(self, plan: StepPlan) -> ModelOutput:
+        """Drop released rows, decode the running batch, prefill the new group and merge it in."""
+        if plan.released and self.batch is not None:
+            gone = set(plan.released)
+            keep = [i for i, sid in enumerate(self.row_ids) if sid not in gone]
+            self.batch = self.keep(self.batch, keep)
+            self.row_ids = [self.row_ids[i] for i in keep]
+        decodes = [r for r in plan.rows if not r.new]
+        new = [r for r in plan.rows if r.new]
+        logits: dict[str, torch.Tensor] = {}
+        if decodes:
+            if sorted(r.seq_id for r in decodes) != sorted(self.row_ids):
+                raise RuntimeError("a padded batch decodes all of its rows in every step")
+            token_of = {r.seq_id: r.tokens[0] for r in decodes}
+            out = self.decode(self.batch, torch.tensor([token_of[sid] for sid in self.row_ids], dtype=torch.long))
+            logits.update(zip(self.row_ids, out, strict=True))
+        prompt: dict[str, torch.Tensor] = {}
+        if new:
+            batch, last, rows_prompt = self.prefill([_prefill_item(r) for r in new])
+            logits.update(zip((r.seq_id for r in new), last, strict=True))
+            prompt = {r.seq_id: p for r, p in zip(new, rows_prompt, strict=True) if p is not None}
+            self.batch = self.merge(self.batch, batch)
+            self.row_ids += [r.seq_id for r in new]
+        sampled = [logits[r.seq_id] for r in plan.rows if r.sample]
+        return ModelOutput(torch.stack(sampled) if sampled else torch.empty(0), prompt)
+
+    def close(self) -> None:
+        """Nothing to release: the model and caches go with the object (a sharded runner stops its ranks)."""
+
+    # ---- forwards and batch surgery ---------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> tuple[Batch, torch.Tensor, list[torch.Tensor | None]]:
         """Forward a new group. Returns its batch, last-position logits [n, V], and per-row prompt logits
@@ -220,9 +275,6 @@ class ModelRunner:
             a.enc_mask = torch.cat([_pad_left(a.enc_mask, enc_len, 1), _pad_left(b.enc_mask, enc_len, 1)])
         return a
 
-    def close(self) -> None:
-        """Nothing to release: the model and caches go with the object (a sharded runner stops its ranks)."""
-
     @staticmethod
     def keep(batch: Batch, rows: list[int]) -> Batch | None:
         """Keep only `rows` (in that order) and trim columns that became pure padding."""
@@ -246,3 +298,8 @@ class ModelRunner:
             batch.enc_mask = enc_mask[:, enc_start:]
             batch.enc_hidden = batch.enc_hidden[idx, enc_start:]
         return batch
+
+
+def _prefill_item(row: RowPlan) -> PrefillItem:
+    return PrefillItem(tokens=row.tokens, encoder_ids=row.encoder_ids, prompt_logits=row.prompt_logits,
+                       decoder_prefix=row.decoder_prefix, encoder_prefix=row.encoder_prefix, lora=row.lora)

@@ -1,0 +1,64 @@
+"""The step contract between the scheduler, the engine core and the model runners (vLLM v1's shape).
+
+Every step the scheduler writes a `StepPlan`: for each scheduled sequence, which of its tokens to compute now (one
+for a decode, a chunk of its prompt otherwise), and which sequences' runner state can be dropped. A runner turns a
+plan into a `ModelOutput` and never sees scheduler or sequence objects; the core never sees runner internals. Plans
+are plain picklable data: the tensor-parallel runner sends them to the other ranks as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.engine.lora import LoraRef
+
+
+@dataclass
+class RowPlan:
+    """One sequence's share of a step.
+
+    `tokens` are positions `start .. start + len(tokens) - 1` of the sequence ([prompt-prefix placeholders] + prompt
+    + generated for decoder-only models; [placeholders] + decoder start + generated for encoder-decoder ones). The
+    row's last position is sampled when `sample` is set (the row reaches the sequence's last token)."""
+
+    seq_id: str
+    tokens: list[int]
+    start: int
+    sample: bool
+    prompt_logits: bool = False  # logits of every position of this row (input-token details)
+    # set on the first row of a sequence (and again after a preemption): the runner holds nothing for it yet
+    new: bool = False
+    new_blocks: list[int] = field(default_factory=list)  # paged runners: KV blocks appended to the table this step
+    reused_blocks: int = 0  # the first `reused_blocks` of them hold cached KV (prefix hit); the rest are fresh
+    encoder_ids: list[int] | None = None  # encoder-decoder models, new rows: [placeholders] + prompt
+    decoder_prefix: torch.Tensor | None = None  # new rows: prompt-tuning embeddings of the first positions
+    encoder_prefix: torch.Tensor | None = None
+    lora: LoraRef | None = None  # new rows: the sequence's adapter
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.tokens) == 1 and not self.new
+
+
+@dataclass
+class StepPlan:
+    """Rows in order: every decode row first, then prompt chunks. `released` sequences left the batch (finished,
+    aborted or preempted) since the last plan: their runner state goes."""
+
+    rows: list[RowPlan]
+    released: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.rows)
+
+
+@dataclass
+class ModelOutput:
+    """`logits` [n, V]: one row per plan row with `sample`, in plan order. `prompt_logits`: for rows that asked,
+    [len(tokens), V] with position i predicting token i + 1."""
+
+    logits: torch.Tensor
+    prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)

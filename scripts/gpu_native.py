@@ -1,0 +1,555 @@
+"""The native engine on one GPU: correctness against transformers on the same GPU first, then timings.
+
+Run on a CUDA machine from the repository root (one call; wheels the image lacks are carried in .whl):
+    python scripts/gpu_native.py --out $OUT/native.json [--phases correctness,decode,throughput,prefix,server,hf]
+
+Phases (JSON report, one key each):
+- correctness: small random Llama and Qwen3 configs; greedy, 32 forced tokens, 8 prompts joining a running batch;
+  native == transformers `generate` on the same GPU: float32 token for token, bfloat16 share of identical tokens;
+  CUDA graphs on and off, chunked prefill (small token budget), a prefix-cache hit (the same prompts again), LoRA
+  rows and prompt-prefix rows in the batch.
+- decode: batch-1 decode of the Llama-3-8B shape (dummy weights, bf16), 128-token prompt, 256 new tokens, beside
+  the floor measured in the same run: weight bytes read per step / device-to-device copy bandwidth.
+- throughput: 256 requests, prompt and output lengths uniform in [100, 1024] (seed 0, outputs forced), all at once.
+- hf: the same workload through the transformers engine (in-process, random weights of the same shape).
+- prefix: a 2,000-token shared system prompt + 64 short questions, prefill time with prefix caching on and off.
+- server: `tgis serve` over gRPC (GenerateStream) at 32 and 128 concurrent streams: TTFT and inter-token latency
+  p50/p99, and throughput against the in-process engine on the same workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from runtime.engine.async_engine import AsyncEngine  # noqa: E402
+from runtime.engine.config import EngineConfig  # noqa: E402
+from runtime.engine.lora import LoraRef  # noqa: E402
+from runtime.engine.request import EngineRequest, GenerationParams  # noqa: E402
+from runtime.models.prefixes import PromptPrefix  # noqa: E402
+
+PROMPTS = ["Hello world, this is", "def f(x):\n    return", "The quick brown fox jumps over the lazy dog and",
+           "import os\nimport sys\n", "for i in range(10):", "If the object is a class instance", "x", "The built-in"]
+DEVICE = "cuda"  # --dry-run: cpu, with a small shape and few requests, to check the script before a GPU call
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256)
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def write_model(path: Path, model_type: str, dtype=torch.float32, weights: bool = True, **shape):
+    """A random model directory with the offline-trained Llama tokenizer (config only when not `weights`)."""
+    import models as tiny
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny.llama_tokenizer()
+    cfg = AutoConfig.for_model(model_type, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, max_position_embeddings=4096,
+                               tie_word_embeddings=False, **shape)
+    cfg.save_pretrained(path)
+    tok.save_pretrained(path)
+    if weights:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+        model.save_pretrained(path)
+        return tok, model
+    return tok, None
+
+
+async def _collect(engine, req: EngineRequest, delay: float = 0.0) -> list[int]:
+    await asyncio.sleep(delay)
+    return [t async for out in engine.generate(req) for t in out.new_token_ids]
+
+
+def run_all(engine, reqs: list[EngineRequest], stagger: float = 0.002) -> list[list[int]]:
+    async def main():
+        return await asyncio.gather(*(_collect(engine, r, stagger * i) for i, r in enumerate(reqs)))
+
+    return asyncio.run(main())
+
+
+# ---- correctness --------------------------------------------------------------------------------------------
+def correctness(work: Path, n_new: int = 32) -> dict:
+    from lora_utils import merged_copy, write_lora
+
+    report = {}
+    configs = {"llama": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4),
+               "qwen3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=64)}
+    for name, shape in configs.items():
+        path = work / f"check-{name}"
+        tok, model = write_model(path, name, **shape)
+        lora_weights = write_lora(work / f"lora-{name}", model, ["q_proj", "v_proj", "down_proj"], 1)
+        prefix = torch.randn(5, shape["hidden_size"], generator=torch.Generator().manual_seed(3)) * 0.5
+        for dtype in ("float32", "bfloat16"):
+            dt = getattr(torch, dtype)
+            ref_model = copy.deepcopy(model).to(DEVICE, dt)
+            merged = merged_copy(model, lora_weights).to(DEVICE, dt)
+            ids = [tok(p)["input_ids"] for p in PROMPTS]
+            with torch.inference_mode():
+                refs = [ref_model.generate(torch.tensor([i], device=DEVICE), max_new_tokens=n_new,
+                                           min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+                        [0, len(i):].tolist() for i in ids]
+                lora_refs = [merged.generate(torch.tensor([i], device=DEVICE), max_new_tokens=n_new,
+                                             min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+                             [0, len(i):].tolist() for i in ids[:4]]
+                prefix_refs = []
+                for i in ids[4:]:
+                    emb = ref_model.get_input_embeddings()(torch.tensor([i], device=DEVICE))
+                    embeds = torch.cat([prefix.to(DEVICE, dt)[None], emb], dim=1)
+                    out = ref_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2],
+                                             dtype=torch.long, device=DEVICE), max_new_tokens=n_new,
+                                             min_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+                    prefix_refs.append(out[0].tolist())
+            for variant, extra in (("graphs", {}), ("eager", {"cuda_graphs": False}),
+                                   ("chunked", {"max_num_batched_tokens": 16})):
+                engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=DEVICE, engine="native",
+                                                  max_waiting_tokens=1, debug_checks=True, kv_cache_tokens=65536,
+                                                  **extra))
+                try:
+                    def reqs(tag, ids=ids):
+                        return [EngineRequest(f"{tag}-{j}", i, GenerationParams(max_new_tokens=n_new,
+                                              min_new_tokens=n_new)) for j, i in enumerate(ids)]
+
+                    first = run_all(engine, reqs("a"))
+                    again = run_all(engine, reqs("b"))  # full prompt blocks are now cached
+                    hits = engine.core.kv.counters.hits
+                    mixed = reqs("c")
+                    for r in mixed[:4]:
+                        r.lora = LoraRef("lora", str(work / f"lora-{name}"))
+                    for r in mixed[4:]:
+                        r.prefix = PromptPrefix(prefix.to(dt), None, tok.pad_token_id, False, "tuned")
+                    special = run_all(engine, mixed)
+                finally:
+                    engine.shutdown()
+                    release()
+                exact = [g == r for g, r in zip(first, refs, strict=True)]
+                same = sum(a == b for g, r in zip(first, refs, strict=True) for a, b in zip(g, r, strict=True))
+                report[f"{name}/{dtype}/{variant}"] = {
+                    "identical_sequences": sum(exact), "identical_tokens": same, "tokens": n_new * len(refs),
+                    "cache_hit_same_as_miss": again == first, "prefix_cache_hit_tokens": hits,
+                    "lora_identical": sum(g == r for g, r in zip(special[:4], lora_refs, strict=True)),
+                    "prompt_prefix_identical": sum(g == r for g, r in zip(special[4:], prefix_refs, strict=True))}
+                log(name, dtype, variant, json.dumps(report[f"{name}/{dtype}/{variant}"]))
+    fp32 = [v for k, v in report.items() if "float32" in k]
+    report["ok"] = all(v["identical_sequences"] == len(PROMPTS) and v["cache_hit_same_as_miss"]
+                       and v["lora_identical"] == 4 and v["prompt_prefix_identical"] == 4 for v in fp32)
+    return report
+
+
+# ---- timings ------------------------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20 after warm-up)."""
+    size = 2 * 1024**3 if DEVICE == "cuda" else 64 * 1024**2
+    src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * size / statistics.median(times)
+
+
+def release() -> None:
+    """Give the device memory of engines that were shut down back before the next one sizes its KV cache."""
+    import gc
+
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def big_engine(path: Path, **extra) -> AsyncEngine:
+    cfg = dict(model_path=str(path), dtype="bfloat16", device=DEVICE, engine="native", load_format="dummy",
+               max_batch_size=256, max_sequence_length=2304)
+    cfg.update(extra)
+    return AsyncEngine(EngineConfig(**cfg))
+
+
+def decode_phase(path: Path, engine: AsyncEngine) -> dict:
+    model = engine.core.loaded.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed_tokens.weight
+    read_per_step = weight_bytes - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()
+    if model.config.tie_word_embeddings:
+        read_per_step += embed.numel() * embed.element_size()
+    bandwidth = copy_bandwidth()
+    prompt = [random.Random(1).randrange(16, 1000) for _ in range(128)]
+
+    def once(tag: str) -> float:
+        req = EngineRequest(tag, prompt, GenerationParams(max_new_tokens=256, min_new_tokens=256))
+        steps: list = []
+        engine.add_step_listener(steps.append)
+        run_all(engine, [req])
+        engine.listeners.pop()
+        decode = [s.duration_s for s in steps if s.method == "next_token"]
+        return statistics.median(decode) * 1000
+
+    once("warm")
+    ms = min(once(f"lat-{i}") for i in range(3))
+    floor = read_per_step / bandwidth * 1000
+    return {"ms_per_token": ms, "floor_ms": floor, "ratio_to_floor": ms / floor,
+            "copy_bandwidth_TBps": bandwidth / 1e12, "weight_bytes_read_per_step": read_per_step,
+            "matmuls_only_ms": matmuls_only_ms(model)}
+
+
+def matmuls_only_ms(model) -> float | None:
+    """The step's weight matmuls alone at batch 1 (every projection of every layer and the LM head, replayed from
+    one CUDA graph): what cuBLAS reaches on these shapes, the practical floor under the bandwidth floor."""
+    if DEVICE != "cuda":
+        return None
+    weights = [p.weight for layer in model.projections() for p in layer.values()] + [model.lm_head.weight]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=DEVICE) for w in weights}
+
+    def step():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / 20
+
+
+def offline_workload(n: int = 256, seed: int = 0, short: bool = False) -> list[tuple[list[int], int]]:
+    """Prompt and output lengths uniform in [100, 1024] (`short`: [10, 40], for dry runs)."""
+    rng = random.Random(seed)
+    lo, hi = (10, 40) if short else (100, 1024)
+    return [([rng.randrange(16, 1000) for _ in range(rng.randint(lo, hi))], rng.randint(lo, hi)) for _ in range(n)]
+
+
+def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = None) -> dict:
+    steps: list = []
+    engine.add_step_listener(steps.append)
+    reqs = [EngineRequest(f"{tag}-{i}", ids, GenerationParams(max_new_tokens=n, min_new_tokens=n))
+            for i, (ids, n) in enumerate(items)]
+
+    async def main():
+        sem = asyncio.Semaphore(concurrency or len(reqs))
+
+        async def one(r):
+            async with sem:
+                return await _collect(engine, r)
+
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    t0 = time.perf_counter()
+    outs = asyncio.run(main())
+    wall = time.perf_counter() - t0
+    engine.listeners.pop()
+    generated = sum(len(o) for o in outs)
+    decode = [s for s in steps if s.method == "next_token"]
+    return {"generated_tokens": generated, "wall_s": wall, "generated_tok_per_s": generated / wall,
+            "steps": len(steps), "decode_steps": len(decode),
+            "mean_decode_host_launch_ms": 1000 * statistics.fmean(s.forward_s for s in decode) if decode else None,
+            "mean_decode_tokproc_ms": 1000 * statistics.fmean(s.tokproc_s for s in decode) if decode else None,
+            "mean_decode_ms": 1000 * statistics.fmean(s.duration_s for s in decode) if decode else None,
+            "mean_decode_batch": statistics.fmean(s.batch_size for s in decode) if decode else None,
+            "busy_fraction": sum(s.duration_s for s in steps) / wall}
+
+
+def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> dict:
+    """Where a decode step's time goes at `batch` rows: the graph replay alone (device events), whole engine steps
+    (wall), the host part (cProfile, top functions) and the device kernels (torch.profiler, top by CUDA time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from runtime.engine.core import EngineCore
+
+    core = EngineCore(EngineConfig(model_path=str(path), dtype="bfloat16", device=DEVICE, engine="native",
+                                   load_format="dummy", max_batch_size=256, max_sequence_length=2304,
+                                   compile=compile_model))
+    try:
+        rng = random.Random(2)
+        for i in range(batch):
+            core.add(EngineRequest(f"p{i}", [rng.randrange(16, 1000) for _ in range(512)],
+                                   GenerationParams(max_new_tokens=1500, min_new_tokens=1500)))
+        core._drain_inbox(block=False)
+        while len(core.scheduler.running) < batch or any(s.to_compute > 1 for s in core.scheduler.running):
+            core.step()
+        for _ in range(5):
+            core.step()
+        sync()
+        graphs = core.runner.graphs
+        out: dict = {"batch": batch, "compile": compile_model}
+        if graphs is not None:
+            size = next(s for s in graphs.sizes if s >= batch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                graphs.graphs[size].replay()
+            end.record()
+            sync()
+            out["graph_replay_ms"] = start.elapsed_time(end) / 20
+        t0 = time.perf_counter()
+        for _ in range(20):
+            core.step()
+        sync()
+        out["engine_step_ms"] = (time.perf_counter() - t0) * 1000 / 20
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            core.step()
+        sync()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        out["host_profile"] = text.getvalue()[-6000:]
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                core.step()
+            sync()
+        out["device_profile"] = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)[-8000:]
+        return out
+    finally:
+        core.shutdown()
+        core.runner.close()
+        del core
+        release()
+
+
+def prefix_phase(path: Path, caching: bool) -> dict:
+    engine = big_engine(path, prefix_caching=caching, max_batch_size=64)
+    rng = random.Random(5)
+    system = [rng.randrange(16, 1000) for _ in range(2000)]
+    try:
+        run_all(engine, [EngineRequest("warm", system + [17, 18], GenerationParams(max_new_tokens=1))])
+        steps: list = []
+        engine.add_step_listener(steps.append)
+        reqs = [EngineRequest(f"q{i}", system + [rng.randrange(16, 1000) for _ in range(rng.randint(16, 48))],
+                              GenerationParams(max_new_tokens=1)) for i in range(64)]
+        t0 = time.perf_counter()
+        run_all(engine, reqs, stagger=0.0)
+        wall = time.perf_counter() - t0
+        prefill = sum(s.duration_s for s in steps if s.prompt_rows)
+        return {"prefill_s": prefill, "wall_s": wall, "hit_tokens": sum(s.prefix_cache_hits for s in steps),
+                "query_tokens": sum(s.prefix_cache_queries for s in steps)}
+    finally:
+        engine.shutdown()
+        del engine
+        release()
+
+
+def hf_throughput(path: Path, items) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from runtime.models.loader import LoadedModel
+
+    cfg = AutoConfig.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    loaded = LoadedModel(model, tok, torch.device(DEVICE), torch.bfloat16, False, tok.eos_token_id, tok.pad_token_id,
+                         None, cfg.vocab_size)
+    engine = AsyncEngine(EngineConfig(model_path=str(path), dtype="bfloat16", device=DEVICE, engine="transformers",
+                                      max_batch_size=128, max_num_batched_tokens=16384,
+                                      max_sequence_length=2304), loaded)
+    try:
+        return throughput(engine, items, "hf")
+    finally:
+        engine.shutdown()
+        del model, loaded, engine
+        release()
+
+
+# ---- server ---------------------------------------------------------------------------------------------------
+def serve(model: Path, logfile: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tgis_cli", "serve", "--model-name", str(model), "--host", "127.0.0.1",
+           "--grpc-port", "8033", "--port", "3000", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(logfile, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen("http://127.0.0.1:3000/health", timeout=5).status == 200:
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{logfile.read_text()[-3000:]}")
+
+
+def grpc_load(tok, items, concurrency: int) -> dict:
+    import grpc
+
+    from proto import generation_pb2 as pb
+    from proto import generation_pb2_grpc as pb_grpc
+
+    ttft, itl, gen = [], [], [0]
+
+    async def main():
+        async with grpc.aio.insecure_channel("127.0.0.1:8033") as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(ids, n):
+                text = tok.decode(ids)  # re-tokenized by the server, kept at the workload's length by truncation
+                params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+                                       response=pb.ResponseOptions(generated_tokens=True),
+                                       truncate_input_tokens=len(ids))
+                async with sem:
+                    t0 = time.perf_counter()
+                    last, count = None, 0
+                    async for msg in stub.GenerateStream(pb.SingleGenerationRequest(
+                            request=pb.GenerationRequest(text=text), params=params)):
+                        now = time.perf_counter()
+                        for _ in msg.tokens:
+                            if last is None:
+                                ttft.append(now - t0)
+                            else:
+                                itl.append(now - last)
+                            last = now
+                            count += 1
+                    gen[0] += count
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(ids, n) for ids, n in items))
+            return time.perf_counter() - t0
+
+    wall = asyncio.run(main())
+
+    def pct(values, q):
+        ordered = sorted(values)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+    return {"concurrency": concurrency, "generated_tok_per_s": gen[0] / wall, "wall_s": wall,
+            "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99), "itl_ms_p50": pct(itl, 0.5),
+            "itl_ms_p99": pct(itl, 0.99)}
+
+
+def server_phase(path: Path, work: Path, items) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = serve(path, work / "serve.log", "--dtype", "bfloat16", "--engine", "native", "--load-format", "dummy",
+                 "--max-batch-size", "256", "--max-sequence-length", "4096", "--max-new-tokens", "1100",
+                 "--max-concurrent-requests", "512")
+    try:
+        return {f"c{c}": grpc_load(tok, items, c) for c in (32, 128)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("gpu_native.json"))
+    ap.add_argument("--phases", default="correctness,decode,throughput,prefix,server,hf")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--dry-run", action="store_true", help="on the CPU, a small shape: checks the script only")
+    args = ap.parse_args()
+    phases = args.phases.split(",")
+    global DEVICE
+    if args.dry_run:
+        DEVICE = "cpu"
+        LLAMA_8B.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=1100)
+    results: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+                     "torch": torch.__version__}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+
+    def save():
+        args.out.write_text(json.dumps(results, indent=2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "correctness" in phases:
+            results["correctness"] = correctness(work)
+            save()
+        big = work / "llama-8b"
+        write_model(big, "llama", weights=False, **LLAMA_8B)
+        items = offline_workload(args.requests, short=args.dry_run)
+        if {"decode", "throughput"} & set(phases):
+            engine = big_engine(big)
+            try:
+                if "decode" in phases:
+                    results["decode_bs1"] = decode_phase(big, engine)
+                    log("decode", json.dumps(results["decode_bs1"]))
+                    save()
+                if "throughput" in phases:
+                    results["throughput_native"] = throughput(engine, items, "native")
+                    log("throughput", json.dumps(results["throughput_native"]))
+                    results["throughput_native_c128"] = throughput(engine, items, "native128", concurrency=128)
+                    log("throughput c128", json.dumps(results["throughput_native_c128"]))
+                    save()
+            finally:
+                engine.shutdown()
+                del engine
+                release()
+        for flag in ("profile", "profile_compiled"):
+            if flag in phases:
+                results[flag] = profile_phase(big, 128 if DEVICE == "cuda" else 4, flag.endswith("compiled"))
+                log(flag, {k: v for k, v in results[flag].items() if not k.endswith("profile")})
+                log(results[flag]["host_profile"])
+                log(results[flag]["device_profile"])
+                save()
+        if "decode_compiled" in phases:
+            engine = big_engine(big, compile=True)
+            try:
+                results["decode_bs1_compiled"] = decode_phase(big, engine)
+                log("decode compiled", json.dumps(results["decode_bs1_compiled"]))
+                save()
+            finally:
+                engine.shutdown()
+                del engine
+                release()
+        if "prefix" in phases:
+            results["prefix"] = {"caching": prefix_phase(big, True), "no_caching": prefix_phase(big, False)}
+            log("prefix", json.dumps(results["prefix"]))
+            save()
+        if "server" in phases:
+            results["server"] = server_phase(big, work, items)
+            log("server", json.dumps(results["server"]))
+            save()
+        if "hf" in phases:
+            results["throughput_transformers"] = hf_throughput(big, items)
+            log("hf", json.dumps(results["throughput_transformers"]))
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
