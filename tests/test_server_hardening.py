@@ -274,7 +274,7 @@ def oracle_store(store) -> oracle.Store:
 def test_fuzzed_requests_get_the_spec_answers_and_never_hurt_a_bystander(stub, tokenizer, oracle_store):
     seen: dict[str, int] = {}
 
-    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 300)), derandomize=True, database=None, deadline=None,
+    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 500)), derandomize=True, database=None, deadline=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=fuzz_case())
     def one(case):
