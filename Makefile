@@ -11,6 +11,8 @@ OVERLAY    ?= smollm2
 COMPONENTS ?=
 NAMESPACE  ?=
 DEPLOY_SH  := IMAGE='$(IMAGE)' COMPONENTS='$(COMPONENTS)' NAMESPACE='$(NAMESPACE)' deployment/deploy.sh
+# guided decoding's library, installed without its triton dependency (pyproject.toml: guided-cpu)
+XGRAMMAR ?= xgrammar==0.2.8
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -22,7 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,guided-cpu]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps '$(XGRAMMAR)'
 	touch $(STAMP)
 
 proto: $(STAMP)

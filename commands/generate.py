@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from commands._common import CliError, check_dtype, err_console, resolve_model, split_model_argument
+from runtime.engine.guided_spec import GuidedSpec, GuidedSpecError, guided_spec
 
 if TYPE_CHECKING:
     from runtime.engine.request import EngineRequest, RequestOutput, TokenDetail
@@ -46,6 +47,22 @@ def _detail_json(tokenizer, d: TokenDetail) -> dict:
         out["top_tokens"] = [{"text": tokenizer.convert_ids_to_tokens(t.token_id), "logprob": t.logprob}
                              for t in d.top_tokens]
     return out
+
+
+def _guided(json_schema: Path | None, regex: str | None, choice: str | None,
+            grammar: Path | None) -> GuidedSpec | None:
+    """The one guided-decoding option given (the proto's oneof), as a spec; a bad one is a usage error."""
+    given = {name: value for name, value in (("json_schema", json_schema and json_schema.read_text()),
+                                             ("regex", regex), ("choice", choice and choice.split(",")),
+                                             ("grammar", grammar and grammar.read_text())) if value is not None}
+    if len(given) > 1:
+        raise CliError("give at most one of --json-schema, --regex, --choice, --grammar", 2)
+    if not given:
+        return None
+    try:
+        return guided_spec(*given.popitem())
+    except GuidedSpecError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def generate(
@@ -76,6 +93,14 @@ def generate(
                                      "(default: when the model has one), or send it as is."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per prompt, with token details."),
     top_n_tokens: int = typer.Option(0, "--top-n-tokens", min=0, help="With --json: top-n candidates per token."),
+    json_schema: Path | None = typer.Option(None, "--json-schema", exists=True, dir_okay=False,
+                                            help="Guided decoding: the output follows this JSON schema (a file)."),
+    regex: str | None = typer.Option(None, "--regex", help="Guided decoding: the output matches this regex."),
+    choice: str | None = typer.Option(None, "--choice", help="Guided decoding: the output is one of these "
+                                      "comma-separated choices."),
+    grammar: Path | None = typer.Option(None, "--grammar", exists=True, dir_okay=False,
+                                        help="Guided decoding: the output follows this grammar file (EBNF/GBNF "
+                                             "with ::=, else Lark)."),
     dtype: str | None = typer.Option(None, "--dtype", callback=check_dtype,
                                      help="float32, bfloat16, float16 (default: by device)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)."),
@@ -102,6 +127,7 @@ def generate(
     if temperature is not None and 0 < temperature < 0.05:
         raise CliError("--temperature must be 0 (greedy) or >= 0.05", 2)
     sampling = bool(temperature) if sample is None or temperature == 0 else sample
+    guided = _guided(json_schema, regex, choice, grammar)
     path = resolve_model(model, revision)
     check_engine_options(path, dtype, device, num_gpus)
     tok = AutoTokenizer.from_pretrained(path)  # every prompt is checked before the model loads
@@ -121,7 +147,7 @@ def generate(
             seed=(seed if seed is not None else random.getrandbits(32)) if sampling else None,
             repetition_penalty=repetition_penalty, stop_sequences=list(stop or []), include_stop_sequence=include_stop,
             generated_tokens=json_output, token_logprobs=json_output, token_ranks=json_output,
-            top_n_tokens=top_n_tokens if json_output else 0, stream=True)
+            top_n_tokens=top_n_tokens if json_output else 0, stream=True, guided=guided)
         requests.append(EngineRequest(f"cli-{i}", prepared.input_ids, params))
     engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device=device,
                                       max_batch_size=max_batch_size, tensor_parallel_size=num_gpus))
@@ -129,6 +155,11 @@ def generate(
         for req in requests:
             req.params.deadline = time.monotonic() + time_limit / 1000
     try:
+        if guided is not None:  # compiled against the engine's vocabulary: needs the loaded model
+            try:
+                engine.grammars.compile(guided).result()
+            except GuidedSpecError as exc:
+                raise CliError(str(exc), 2) from None
         finals = asyncio.run(_run(engine, requests, stream_to_console=len(requests) == 1 and not json_output))
     finally:
         engine.shutdown()

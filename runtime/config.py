@@ -158,7 +158,8 @@ class ServerConfig:
                                            panel=OUTPUT, help="Default of include_stop_sequence (true/false).",
                                            explicit_bool=True)
     host: str = _opt("0.0.0.0", "--host", env="HOST", panel=NETWORK, help="Address both listeners bind to.")
-    port: int = _opt(3000, "--port", "-p", env="PORT", panel=NETWORK, help="HTTP port of /health and /metrics.",
+    port: int = _opt(3000, "--port", "-p", env="PORT", panel=NETWORK,
+                     help="HTTP port of /health, /metrics and the OpenAI API (/v1).",
                      check=(_port, "port ({value}) must be in 1..65535"))
     grpc_port: int = _opt(8033, "--grpc-port", "-g", env="GRPC_PORT", panel=NETWORK,
                           help="gRPC port (fmaas.GenerationService).",

@@ -1,4 +1,5 @@
-"""GPU check and benchmark for the engine: correctness against a CPU/fp32 reference first, then timings.
+"""GPU check and benchmark for the transformers engine (the native one: scripts/gpu_native.py): correctness against a
+CPU/fp32 reference first, then timings.
 
 Run on a CUDA machine from the repository root:
     python scripts/gpu_bench.py --out results.json
@@ -77,7 +78,8 @@ def correctness(work: Path, n_new: int = 32) -> dict:
         refs.append(out[0, ids.shape[1]:].tolist())
     report = {}
     for dtype in ("float32", "bfloat16"):
-        engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device="cuda", max_waiting_tokens=1))
+        engine = AsyncEngine(EngineConfig(model_path=str(path), dtype=dtype, device="cuda", max_waiting_tokens=1,
+                                          engine="transformers"))
         try:
             reqs = [EngineRequest(f"{dtype}-{i}", tok(p)["input_ids"],
                                   GenerationParams(max_new_tokens=n_new, min_new_tokens=n_new))
@@ -160,7 +162,8 @@ def main() -> None:
         for name in args.shapes.split(","):
             path, loaded = random_model(work, name)
             engine = AsyncEngine(EngineConfig(model_path=str(path), dtype="bfloat16", device="cuda",
-                                              max_batch_size=64, max_prefill_tokens=16384), loaded)
+                                              max_batch_size=64, max_num_batched_tokens=16384,
+                                              engine="transformers"), loaded)
             try:
                 entry = {"decode_ms_per_token_bs1": decode_latency(engine)}
                 steps: list = []

@@ -119,7 +119,7 @@ def main() -> None:
         del loaded
         torch.cuda.empty_cache()
         proc = serve(path, work / "1b.log", "--dtype", "bfloat16", "--max-batch-size", "64",
-                     "--max-prefill-tokens", "16384", "--max-sequence-length", "1024")
+                     "--max-num-batched-tokens", "16384", "--engine", "transformers", "--max-sequence-length", "1024")
         try:
             from transformers import AutoTokenizer
 

@@ -125,7 +125,7 @@ def _llama_family(out: Path, model_type: str, **extra) -> Path:
     cfg = AutoConfig.for_model(
         model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **extra)
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **{"tie_word_embeddings": False, **extra})
     return _save(AutoModelForCausalLM.from_config(cfg), tok, out)
 
 

@@ -11,6 +11,7 @@ import http.client
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -31,8 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port: int, path: str, timeout: float = 30.0, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """GET over plain HTTP, or HTTPS with `context` (the server's certificate names `localhost`)."""
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection("localhost", port, timeout=timeout, context=context)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
@@ -48,6 +53,7 @@ class ServerProcess:
     http_port: int
     log_path: Path
     termination_log: Path
+    http_ssl: ssl.SSLContext | None = None  # the client side of the HTTP port's TLS, when the server has TLS
 
     @property
     def target(self) -> str:
@@ -60,7 +66,7 @@ class ServerProcess:
         return pb_grpc.GenerationServiceStub(channel or self.channel())
 
     def http(self, path: str) -> tuple[int, bytes]:
-        return http_get(self.http_port, path)
+        return http_get(self.http_port, path, context=self.http_ssl)
 
     def metrics(self) -> dict[str, float]:
         """/metrics as {'name{labels}': value}."""
@@ -106,7 +112,8 @@ def server_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]
 
 @contextlib.contextmanager
 def running_server(model: Path | str | None, tmp: Path, *args: str, env: dict[str, str] | None = None,
-                   startup_timeout: float = 180.0, ready: str = "/health") -> Iterator[ServerProcess]:
+                   startup_timeout: float = 180.0, ready: str = "/health",
+                   http_ssl: ssl.SSLContext | None = None) -> Iterator[ServerProcess]:
     """Start `tgis serve`, wait until `ready` answers 200 over HTTP, yield, then SIGTERM (10 s) and SIGKILL."""
     tmp.mkdir(parents=True, exist_ok=True)
     grpc_port, http_port = free_port(), free_port()
@@ -115,7 +122,7 @@ def running_server(model: Path | str | None, tmp: Path, *args: str, env: dict[st
         proc = subprocess.Popen(serve_command(model, grpc_port, http_port, *args), cwd=REPO,
                                 env=server_env(tmp, env), stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    server = ServerProcess(proc, grpc_port, http_port, log_path, tmp / "termination-log")
+    server = ServerProcess(proc, grpc_port, http_port, log_path, tmp / "termination-log", http_ssl)
     try:
         _wait_ready(server, ready, startup_timeout)
         yield server

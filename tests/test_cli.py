@@ -72,3 +72,24 @@ def test_generate_smollm2_paris(smollm2_dir):
     assert raw.stdout.startswith(" Paris.")
     chat = _invoke("generate", str(smollm2_dir), "What is the capital of France?", "-n", "8", "--dtype", "float32")
     assert "Paris" in chat.stdout
+
+
+def test_generate_guided_options(tiny_model, tmp_path):
+    """A random tiny model still produces outputs its grammar accepts; bad or conflicting options exit 2."""
+    path = str(tiny_model("gpt2"))
+    out = json.loads(_invoke("generate", path, "Pick:", "--json", "-n", "12", "--choice", "red,green,blue").stdout)
+    assert out["text"] in ("red", "green", "blue") and out["stop_reason"] == "EOS_TOKEN"
+    (tmp_path / "schema.json").write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                                          '"required": ["ok"], "additionalProperties": false}')
+    out = json.loads(_invoke("generate", path, "JSON:", "--json", "-n", "12", "--json-schema",
+                             str(tmp_path / "schema.json")).stdout)
+    assert json.loads(out["text"]) in ({"ok": True}, {"ok": False})
+    (tmp_path / "yes.lark").write_text('start: "yes" | "no"')
+    out = json.loads(_invoke("generate", path, "Q:", "--json", "-n", "12", "--grammar", str(tmp_path / "yes.lark"))
+                     .stdout)
+    assert out["text"] in ("yes", "no")
+    for args, message in [(["--choice", "only"], "Must provide at least two choices"),
+                          (["--regex", "("], "invalid guided decoding regex"),
+                          (["--regex", "a", "--choice", "a,b"], "give at most one of")]:
+        result = runner.invoke(app, ["generate", path, "x", *args])
+        assert result.exit_code == 2 and message in result.output, result.output

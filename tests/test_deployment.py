@@ -236,6 +236,7 @@ def test_ports_and_metrics_scrape(overlay, components):
     annotations = only(res["Deployment"])["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert (int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"]) == (config.port, "/metrics")
+    assert annotations.get("prometheus.io/scheme", "http") == ("https" if config.tls_cert_path else "http")
     grpc_services = [s for s in res["Service"] if any(p["name"] == "grpc" for p in s["spec"]["ports"])]
     assert len(grpc_services) == 2
     assert [s["spec"].get("clusterIP") for s in grpc_services].count("None") == 1  # per-request client balancing
@@ -244,7 +245,7 @@ def test_ports_and_metrics_scrape(overlay, components):
 @variants
 def test_probes_use_what_the_server_offers(overlay, components):
     """Native gRPC probes ask grpc.health.v1 for names the server registers; kubelet's gRPC probe is plaintext
-    only, so with TLS every probe is HTTP /health, which stays plain."""
+    only, so with TLS every probe is /health, over HTTPS as the HTTP port then has TLS too."""
     res = render(overlay, components)
     c, config = container(res), server_config(res)
     probes = {name: c[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
@@ -255,6 +256,7 @@ def test_probes_use_what_the_server_offers(overlay, components):
             assert probe["grpc"].get("service", "") in HEALTH_SERVICES
         else:
             assert probe["httpGet"]["path"] == "/health"
+            assert probe["httpGet"].get("scheme", "HTTP") == ("HTTPS" if config.tls_cert_path else "HTTP")
             assert port_number(c, probe["httpGet"]["port"]) == config.port
             assert probe.get("timeoutSeconds", 1) >= 5
     if config.tls_cert_path is None:

@@ -16,6 +16,7 @@ from test_engine import MAX_NEW, PROMPTS
 from proto import generation_pb2 as pb
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
+from runtime.engine.guided_spec import guided_spec
 from runtime.engine.lora import LoraRef
 
 T = 120
@@ -82,3 +83,17 @@ def test_server_adapter_id(store, tiny_model, tmp_path):
                 generate("odd")
             assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                                 "adapter type IA3 is not currently supported")
+
+
+def test_guided_rows_with_adapters(store):
+    """Last in the file: merged_copy() above deep-copies the engine's model, hooks and their last batch included."""
+    root, engine, _ = store
+    choices = ["alpha", "beta", "gamma"]
+    spec = guided_spec("choice", choices)
+    reqs = []
+    for text, name in zip(PROMPTS, [None, "attn", "mlp", "attn"], strict=False):
+        req = request(engine, text, max_new_tokens=12, guided=spec)
+        req.lora = None if name is None else LoraRef(f"loras/{name}", str(root / "loras" / name))
+        reqs.append(req)
+    for res in run(engine, reqs):
+        assert res.final.output_text in choices

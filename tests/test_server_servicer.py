@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import grpc
 import pytest
@@ -15,8 +14,9 @@ from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail, TopToken
 from runtime.server import http as http_module
+from runtime.server.frontend import FrontEnd
 from runtime.server.grpc_service import GenerationServicer
-from runtime.server.http import HealthMetricsServer
+from runtime.server.http import HttpServer, health_metrics_app
 from runtime.server.metrics import Metrics
 from runtime.server.validation import EMPTY_INPUT_MESSAGE
 from runtime.server.wire import add_generation_service
@@ -78,7 +78,7 @@ def run_with_server(tokenizer, body, max_concurrent: int = 8):
 
     async def main():
         server = grpc.aio.server()
-        add_generation_service(GenerationServicer(engine, metrics, 40, max_concurrent, True), server)
+        add_generation_service(GenerationServicer(FrontEnd(engine, metrics, 40, max_concurrent), True), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -231,9 +231,6 @@ def test_overload(tokenizer):
 
 
 def test_http_health_and_metrics_endpoints(monkeypatch):
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     state = {"healthy": False, "delay": 0.0}
 
     async def check() -> bool:
@@ -242,20 +239,26 @@ def test_http_health_and_metrics_endpoints(monkeypatch):
             raise RuntimeError("engine thread died")
         return state["healthy"]
 
-    server = HealthMetricsServer("127.0.0.1", 0, loop, check, lambda: b"tgi_queue_size 0.0\n")
-    server.start()
-    try:
-        assert http_get(server.port, "/health") == (503, b'{"error":"unhealthy"}')
-        state["healthy"] = True
-        assert http_get(server.port, "/health") == (200, b"")
-        state["healthy"] = None
-        assert http_get(server.port, "/health") == (503, b'{"error":"unhealthy"}')
-        state["healthy"], state["delay"] = True, 5.0
-        monkeypatch.setattr(http_module, "HEALTH_TIMEOUT_S", 0.2)
-        assert http_get(server.port, "/health") == (503, b'{"error":"Healthcheck timed-out"}')
-        assert http_get(server.port, "/metrics") == (200, b"tgi_queue_size 0.0\n")
-        assert http_get(server.port, "/generate")[0] == 404
-    finally:
-        server.stop()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+    async def main():
+        server = HttpServer(health_metrics_app(check, lambda: b"tgi_queue_size 0.0\n"), "127.0.0.1", 0)
+        await server.start()
+
+        def get(path):
+            return asyncio.to_thread(http_get, server.port, path)
+
+        try:
+            assert await get("/health") == (503, b'{"error":"unhealthy"}')
+            state["healthy"] = True
+            assert await get("/health") == (200, b"")
+            state["healthy"] = None
+            assert await get("/health") == (503, b'{"error":"unhealthy"}')
+            state["healthy"], state["delay"] = True, 5.0
+            monkeypatch.setattr(http_module, "HEALTH_TIMEOUT_S", 0.2)
+            assert await get("/health") == (503, b'{"error":"Healthcheck timed-out"}')
+            assert await get("/metrics") == (200, b"tgi_queue_size 0.0\n")
+            assert await get("/generate") == (404, b"")
+            assert await get("/v1/models") == (404, b"")  # nothing mounted
+        finally:
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

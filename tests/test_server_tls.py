@@ -1,12 +1,17 @@
-"""TLS and mutual TLS on the gRPC port, and start-up failures (bad options, unreadable TLS files) that must exit
-non-zero with TGIS' message in the termination log."""
+"""TLS and mutual TLS on the gRPC port and on the HTTP port (unlike TGIS, whose HTTP port stays plain: here it
+carries the OpenAI API; with mutual TLS, /health and /metrics still answer clients without a certificate, such as
+kubelet probes), and start-up failures (bad options, unreadable TLS files) that must exit non-zero with TGIS'
+message in the termination log."""
 
 from __future__ import annotations
+
+import http.client
+import ssl
 
 import grpc
 import pytest
 import trustme
-from server_harness import run_to_exit, running_server
+from server_harness import http_get, run_to_exit, running_server
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
@@ -26,7 +31,15 @@ def pki(tmp_path_factory):
     server.cert_chain_pems[0].write_to_path(paths["cert"])
     creds = {"root_certificates": ca.cert_pem.bytes(), "private_key": client.private_key_pem.bytes(),
              "certificate_chain": client.cert_chain_pems[0].bytes()}
-    return paths, creds
+    https = ssl.create_default_context()
+    ca.configure_trust(https)
+    https_client = ssl.create_default_context()
+    ca.configure_trust(https_client)
+    client.configure_cert(https_client)
+    https_stranger = ssl.create_default_context()  # a client certificate from another CA
+    ca.configure_trust(https_stranger)
+    trustme.CA().issue_cert("stranger.example").configure_cert(https_stranger)
+    return paths, creds, (https, https_client, https_stranger)
 
 
 def _model_info(target: str, credentials: grpc.ChannelCredentials | None) -> pb.ModelInfoResponse:
@@ -39,27 +52,41 @@ def _model_info(target: str, credentials: grpc.ChannelCredentials | None) -> pb.
 
 
 def test_tls_and_mtls(tiny_model, pki, tmp_path):
-    paths, client = pki
+    paths, client, (https, https_client, https_stranger) = pki
     model = tiny_model("gpt2")
     tls = ("--tls-cert-path", str(paths["cert"]), "--tls-key-path", str(paths["key"]))
-    with running_server(model, tmp_path / "tls", *tls) as server:
+    with running_server(model, tmp_path / "tls", *tls, http_ssl=https) as server:
         info = _model_info(server.target, grpc.ssl_channel_credentials(client["root_certificates"]))
         assert info.max_sequence_length > 0 and info.model_kind == pb.ModelInfoResponse.DECODER_ONLY
         with pytest.raises(grpc.RpcError) as err:
             _model_info(server.target, None)  # plaintext against TLS
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert server.http("/health")[0] == 200  # HTTP stays plain
-    with running_server(model, tmp_path / "mtls", *tls, "--tls-client-ca-cert-path", str(paths["ca"])) as server:
+        assert server.http("/health") == (200, b"")  # HTTPS
+        assert server.http("/v1/models")[0] == 200
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP against TLS
+            http_get(server.http_port, "/health", timeout=TIMEOUT)
+    with running_server(model, tmp_path / "mtls", *tls, "--tls-client-ca-cert-path", str(paths["ca"]),
+                        http_ssl=https_client) as server:
         assert _model_info(server.target, grpc.ssl_channel_credentials(**client)).max_sequence_length > 0
         with pytest.raises(grpc.RpcError) as err:
             _model_info(server.target, grpc.ssl_channel_credentials(client["root_certificates"]))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.http("/health") == (200, b"")  # HTTPS with the client's certificate
+        assert server.http("/v1/models")[0] == 200
+        anonymous = http_get(server.http_port, "/v1/models", timeout=TIMEOUT, context=https)
+        assert anonymous[0] == 401 and b"a client certificate is required" in anonymous[1]
+        for path in ("/health", "/metrics"):  # probes and scrapes present no certificate
+            assert http_get(server.http_port, path, timeout=TIMEOUT, context=https)[0] == 200
+        with pytest.raises(OSError):  # a certificate the client CA did not sign fails the handshake
+            http_get(server.http_port, "/health", timeout=TIMEOUT, context=https_stranger)
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [
     (("--tls-cert-path", "/nonexistent/cert.pem", "--tls-key-path", "/nonexistent/key.pem"), {},
      "couldn't load cert from /nonexistent/cert.pem"),
     (("--tls-cert-path", "/etc/hostname"), {}, "tls: must provide both cert and key"),
+    (("--tls-cert-path", "/etc/hostname", "--tls-key-path", "/etc/hostname"), {},
+     "tls: /etc/hostname is not a PEM certificate (no certificate or crl found)"),
     ((), {"MAX_SEQUENCE_LENGTH": "1"}, "max_sequence_length (1) must be at least 2 (1 input + 1 output)"),
     ((), {"MAX_CONCURRENT_REQUESTS": "0"}, "max_concurrent_requests must be > 0"),
     (("--model-name", "/nonexistent-model-dir"), {}, "/nonexistent-model-dir"),

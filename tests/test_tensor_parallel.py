@@ -5,6 +5,7 @@ Every test that starts ranks has a hard timeout (pytest-timeout, plus per-call d
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from proto import generation_pb2 as pb
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
+from runtime.engine.guided_spec import guided_spec
 from runtime.engine.request import StopReason
 from runtime.parallel.rules import Rule, ShardingError, plan, rule_for
 from runtime.parallel.sharding import shard_checkpoint
@@ -123,6 +125,24 @@ def test_two_ranks_preempt_and_recompute_like_one(pair):
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
     assert all(r.final.stop_reason == StopReason.MAX_TOKENS for r in two)
     assert engines[1].failure is None
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_guided_like_one_through_preemption(pair):
+    """Rank 0 samples, grammar masks included; a preempted guided request resumes with its grammar state."""
+    engines = pair("llama", max_batch_size=8, kv_cache_tokens=512, max_sequence_length=256)
+    preempted = []
+    engines[1].add_step_listener(lambda s: preempted.append(s.preempted))
+    spec = guided_spec("regex", "[a-z ]+")
+
+    def long(engine):
+        return [request(engine, PROMPTS[i % len(PROMPTS)] * 3, max_new_tokens=60, min_new_tokens=60, seed=i,
+                        temperature=0.8 if i % 4 == 1 else 0.0, guided=spec if i % 2 else None) for i in range(8)]
+
+    one, two = _run_both(engines, long)
+    assert sum(preempted) > 0, "the test must exhaust the cache"
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    assert all(re.fullmatch("[a-z ]+", r.final.output_text) for r in two[1::2])
 
 
 @pytest.mark.timeout(300)

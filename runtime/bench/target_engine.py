@@ -8,10 +8,10 @@ from dataclasses import asdict, fields, replace
 import torch
 
 from runtime.bench.driver import RequestFailed, RequestRecord
-from runtime.bench.errors import BenchError
 from runtime.bench.prefix_cache import Counters
 from runtime.bench.workload import BenchRequest
 from runtime.engine.core import StepStats
+from runtime.engine.guided_spec import guided_spec
 from runtime.engine.request import EngineRequest, GenerationParams
 
 # the engine counts prefix-cache lookups per step once it has a prefix cache; until then the hit rate is unknown
@@ -19,12 +19,10 @@ COUNTS_PREFIX_CACHE = {"prefix_cache_queries", "prefix_cache_hits"} <= {f.name f
 
 
 def generation_params(request: BenchRequest) -> GenerationParams:
-    """The engine parameters of one request: its output length forced. Guided decoding hooks in here: when
-    GenerationParams can carry a guided spec, set it from `request.guided` (a JSON schema) and force no minimum
-    (a completed schema must be able to stop)."""
+    """The engine parameters of one request: its output length forced, except for a guided request (a JSON schema
+    the output must follow), which must be able to stop when the schema is complete."""
     if request.guided is not None:
-        raise BenchError("--guided: the in-process engine has no guided decoding yet; benchmark a server that "
-                         "supports it with --grpc HOST:PORT or --openai URL")
+        return GenerationParams(max_new_tokens=request.output_len, guided=guided_spec("json_schema", request.guided))
     return GenerationParams(max_new_tokens=request.output_len, min_new_tokens=request.output_len)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.core import EngineCore, StepStats
+from runtime.engine.guided import GrammarCompiler
 from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput, StopReason
 from runtime.models.loader import LoadedModel
 
@@ -37,6 +38,7 @@ class ModelFacts:
     embedding_dim: int | None  # None when the model exposes no input-embedding layer
     dtype: torch.dtype
     tensor_parallel_size: int
+    vocab_size: int  # logits width (LM-head rows): guided-decoding masks are this wide
 
     @staticmethod
     def of(core: EngineCore) -> ModelFacts:
@@ -46,15 +48,18 @@ class ModelFacts:
         except (NotImplementedError, AttributeError):
             dim = None
         return ModelFacts(core.max_sequence_length, lm.is_encoder_decoder, lm.eos_token_id, lm.pad_token_id, dim,
-                          lm.dtype, core.config.tensor_parallel_size)
+                          lm.dtype, core.config.tensor_parallel_size, lm.vocab_size)
 
 
 class EngineFront:
     """Request streams over an engine core reached through `_submit` / `_abort`; subclasses place the core."""
 
-    def __init__(self, facts: ModelFacts, tokenizer):
+    def __init__(self, facts: ModelFacts, tokenizer, grammars: GrammarCompiler | None = None):
+        """`grammars`: the engine's own compiler when it lives in this process (its cache then serves both)."""
         self.facts = facts
         self.tokenizer = tokenizer
+        # front ends compile a guided request's spec once to validate it before submitting it
+        self.grammars = grammars or GrammarCompiler(tokenizer, facts.vocab_size, facts.eos_token_id)
         self.is_encoder_decoder = facts.is_encoder_decoder
         self.max_sequence_length = facts.max_sequence_length
         self.eos_token_id = facts.eos_token_id
@@ -148,7 +153,7 @@ class AsyncEngine(EngineFront):
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.core = EngineCore(config, loaded)
-        super().__init__(ModelFacts.of(self.core), self.core.loaded.tokenizer)
+        super().__init__(ModelFacts.of(self.core), self.core.loaded.tokenizer, self.core.grammars)
         self.core.emit = self._dispatch
         self.core.listeners.append(lambda stats: self._on_step(stats, self.core.healthy))
         self._thread = threading.Thread(target=self.core.run, name="tgis-engine", daemon=True)

@@ -12,12 +12,14 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.detokenizer import DetokenizationError, TokenizerInfo
+from runtime.engine.guided import GrammarCompiler, GrammarState
 from runtime.engine.kv_cache import PaddedKVManager, PagedKVManager
 from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
 from runtime.engine.request import EngineRequest, RequestOutput, StopReason, TokenDetail
@@ -78,6 +80,17 @@ class Shutdown:
     """Inbox message: drop all work and leave the loop (after the messages before it)."""
 
 
+@dataclass
+class GrammarReady:
+    """Inbox message (from the grammar compiler's pool): a guided request's grammar compiled, or failed to."""
+
+    request_id: str
+
+
+class GrammarRejected(Exception):
+    """The grammar refused the sampled token (it cannot when its mask was applied): fails that request alone."""
+
+
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
     """(metrics reason, client-facing detail) for a failed forward."""
     if isinstance(exc, torch.OutOfMemoryError):
@@ -94,6 +107,8 @@ class EngineCore:
                                     or DEFAULT_MAX_SEQUENCE_LENGTH)
         self.start_id = lm.decoder_start_token_id if lm.is_encoder_decoder else None
         self.sampler = Sampler(lm.eos_token_id, lm.vocab_size)
+        self.grammars = GrammarCompiler(lm.tokenizer, lm.vocab_size, lm.eos_token_id)
+        self.compiling: dict[str, tuple[Sequence, Future]] = {}  # guided requests waiting for their grammar
         self.tok_info = TokenizerInfo.from_tokenizer(
             lm.tokenizer, seq2seq=lm.is_encoder_decoder, output_special_tokens=config.output_special_tokens,
             eos_token_id=lm.eos_token_id)
@@ -143,6 +158,7 @@ class EngineCore:
                     log.exception("engine step failed")
                     self._fail_all(_failure_reason(exc)[1])
         finally:
+            self.grammars.close()
             self.runner.close()
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -157,9 +173,12 @@ class EngineCore:
             if isinstance(msg, Shutdown):
                 self.scheduler.finish(list(self.scheduler.running))
                 self.scheduler.waiting.clear()
+                self.compiling.clear()
                 return False
             if isinstance(msg, Abort):
                 dropped |= self._abort(msg.request_id)
+            elif isinstance(msg, GrammarReady):
+                self._grammar_ready(msg.request_id)
             else:
                 self._admit(msg)
         if dropped and not self.scheduler.running:
@@ -174,6 +193,24 @@ class EngineCore:
             self.emit([RequestOutput(request.request_id, finished=True, stop_reason=StopReason.ERROR,
                                      error=str(exc) if isinstance(exc, ValueError) else _failure_reason(exc)[1])])
             return
+        if request.params.guided is None:
+            self.scheduler.add(seq)
+            return
+        # compiled in the pool (at once from the cache); the request joins the queue when its grammar is ready
+        future = self.grammars.compile(request.params.guided)
+        self.compiling[seq.id] = (seq, future)
+        future.add_done_callback(lambda _: self.inbox.put(GrammarReady(seq.id)))
+
+    def _grammar_ready(self, request_id: str) -> None:
+        seq, future = self.compiling.pop(request_id, (None, None))
+        if seq is None:  # aborted while compiling
+            return
+        try:
+            seq.guide = GrammarState(future.result())
+        except Exception as exc:  # noqa: BLE001 - the front end compiled it already; whatever failed here fails it alone
+            log.error("grammar for %s failed in the engine: %s", request_id, exc)
+            self.emit([self._error_output(seq, str(exc))])
+            return
         self.scheduler.add(seq)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
@@ -186,6 +223,8 @@ class EngineCore:
 
     def _abort(self, request_id: str) -> bool:
         """True when a running sequence left the batch."""
+        if self.compiling.pop(request_id, None) is not None:
+            return False
         seq = self.scheduler.find(request_id)
         if seq is None:
             return False
@@ -298,10 +337,11 @@ class EngineCore:
                 continue
             try:
                 out = self._advance(seq, tokens[i], details[i], now)
-            except DetokenizationError as exc:  # fails this request alone (spec §3.2)
+            except (DetokenizationError, GrammarRejected) as exc:  # fails this request alone (spec §3.2)
                 seq.status = SeqStatus.FINISHED
+                stage = "detokenization" if isinstance(exc, DetokenizationError) else "generation"
                 out = RequestOutput(seq.id, generated_token_count=len(seq.generated), finished=True,
-                                    stop_reason=StopReason.ERROR, error=str(exc), error_stage="detokenization")
+                                    stop_reason=StopReason.ERROR, error=str(exc), error_stage=stage)
             if seq.params.input_tokens and not seq.input_details_sent:
                 out.input_tokens = self._input_details(seq)
                 seq.input_details_sent = True
@@ -333,7 +373,7 @@ class EngineCore:
     def _sampler_row(self, seq: Sequence) -> SamplerRow:
         if seq.params.repetition_penalty != 1.0 and seq.history is None:
             seq.history = TokenHistory(seq.tokens, self.loaded.vocab_size, self.loaded.device)
-        return SamplerRow(seq.params, len(seq.generated), seq.history, seq.generator)
+        return SamplerRow(seq.params, len(seq.generated), seq.history, seq.generator, seq.guide)
 
     def _collect_input_details(self, seq: Sequence, row: RowPlan, logits: torch.Tensor) -> None:
         """Input-token details of the prompt positions this chunk scored (position i scores token i + 1)."""
@@ -352,15 +392,19 @@ class EngineCore:
                              queue_time=time.monotonic() - seq.arrival)
 
     def _advance(self, seq: Sequence, token: int, detail: TokenDetail | None, now: float) -> RequestOutput:
-        """Append one token and apply TGIS' stop-reason precedence (§1.11)."""
+        """Append one token and apply TGIS' stop-reason precedence (§1.11). A guided sequence whose grammar
+        accepted EOS has finished, even before min_new_tokens (the grammar allowed nothing else)."""
         p = seq.params
+        if seq.guide is not None and not seq.guide.accept(token):
+            raise GrammarRejected(f"the grammar rejected token {token}")
         seq.append(token)
         n = len(seq.generated)
-        eos = token == self.loaded.eos_token_id
+        grammar_done = seq.guide is not None and seq.guide.finished
+        eos = token == self.loaded.eos_token_id or grammar_done
         reason = None
         if seq.deadline_passed(now):
             reason = StopReason.TIME_LIMIT
-        elif n < p.min_new_tokens:
+        elif n < p.min_new_tokens and not grammar_done:
             pass
         elif eos:
             reason = StopReason.EOS_TOKEN

@@ -12,10 +12,12 @@ class PreparedInput:
     raw_length: int  # before truncation
 
 
-def prepare_input(tokenizer, text: str, truncate_input_tokens: int = 0) -> PreparedInput:
+def prepare_input(tokenizer, text: str, truncate_input_tokens: int = 0,
+                  add_special_tokens: bool = True) -> PreparedInput:
     """Tokenize with special tokens; keep the last T tokens when 0 < T < length; re-insert BOS at the first kept
-    position for tokenizers that add one (Llama): the model then sees BOS + last T-1 tokens."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    position for tokenizers that add one (Llama): the model then sees BOS + last T-1 tokens. A rendered chat
+    template already holds its special tokens, hence `add_special_tokens=False` for it."""
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
     raw = len(ids)
     if 0 < truncate_input_tokens < raw:
         ids = ids[-truncate_input_tokens:]

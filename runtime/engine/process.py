@@ -180,3 +180,4 @@ class ProcessEngine(EngineFront):
             self._proc.kill()
             self._proc.join()
         self._receiver.join(timeout=10)
+        self.grammars.close()

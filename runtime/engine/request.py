@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from runtime.engine.guided_spec import GuidedSpec
 from runtime.engine.lora import LoraRef
 from runtime.models.prefixes import PromptPrefix
 
@@ -44,6 +45,7 @@ class GenerationParams:
     length_penalty: tuple[int, float] | None = None  # (start_index, decay_factor)
     stop_sequences: list[str] = field(default_factory=list)
     include_stop_sequence: bool = True
+    guided: GuidedSpec | None = None  # structured output; the front end has already compiled it once (valid)
     deadline: float | None = None  # time.monotonic() value; None means no time limit
     # response options
     generated_tokens: bool = False

@@ -1,7 +1,8 @@
 """Next-token selection and token information, batch-wise on the device (TGIS spec §5.5, §5.6, §1.9).
 
-Order per step: min_new_tokens EOS mask / exponential length penalty → repetition penalty → (only for sampling rows)
-temperature, top-k, top-p, typical-p → greedy argmax or sampling → token info from the processed scores. Per-row
+Order per step: min_new_tokens EOS mask / exponential length penalty → repetition penalty → guided-decoding grammar
+mask (guided rows only) → (only for sampling rows) temperature, top-k, top-p, typical-p → greedy argmax or sampling
+→ token info from the processed scores. Per-row
 parameters become [B, 1] tensors and a stage runs only when some row needs it, on just those rows.
 
 Sampling divides the softmax by Exponential(1) noise drawn from the row's own seeded generator and takes the argmax
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.engine.guided import GrammarState, apply_grammars
 from runtime.engine.request import GenerationParams, TokenDetail, TopToken
 
 NEG_INF = float("-inf")
@@ -46,6 +48,7 @@ class SamplerRow:
     num_generated: int  # tokens generated before this step
     history: TokenHistory | None  # needed only with a repetition penalty; the sampler appends the chosen token
     generator: torch.Generator | None  # per request, seeded once; persists across steps
+    guide: GrammarState | None = None  # guided decoding: the grammar's state before this step
 
 
 @dataclass
@@ -182,9 +185,12 @@ def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
 
 
 def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[GenerationParams]) -> list[TokenDetail]:
-    """Token info of `tokens` [N] against `scores` [N, V] (§1.9): logprob from their log-softmax, 1-based rank
-    (1 + count strictly greater), top-n = all ids ≥ the n-th best (ties, at most 4n, vocabulary order), sorted by
-    (logprob desc, id asc) only when logprobs were asked. One device-to-host transfer per field."""
+    """Token info of `tokens` [N] against `scores` [N, V] (§1.9). For generated tokens `scores` is the distribution
+    the token was chosen from: after the penalties, the grammar mask of a guided row (forbidden tokens are -inf, so
+    logprobs are renormalised over what the grammar allows) and, when sampling, the warpers: TGIS' "final processed
+    scores". Logprob from their log-softmax, 1-based rank (1 + count strictly greater), top-n = all ids ≥ the n-th
+    best (ties, at most 4n, vocabulary order), sorted by (logprob desc, id asc) only when logprobs were asked. One
+    device-to-host transfer per field."""
     vocab = scores.shape[1]
     lp_rows = [p.token_logprobs for p in params]
     ns = [min(p.top_n_tokens, vocab) for p in params]
@@ -237,6 +243,9 @@ class Sampler:
             _eos_adjust(scores, rows, self.eos)
         if any(p.repetition_penalty != 1.0 for p in params):
             scores = _repetition_penalty(scores, rows)
+        if any(r.guide is not None for r in rows):
+            apply_grammars(scores, [r.guide for r in rows], self.eos,
+                           [i for i, r in enumerate(rows) if r.num_generated < r.params.min_new_tokens])
         if any(p.sampling for p in params):
             scores = _warp(scores, params)
         chosen = _choose(scores, rows)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.engine.guided import GrammarState
 from runtime.engine.request import EngineRequest, GenerationParams, TokenDetail
 from runtime.engine.sampler import TokenHistory
 from runtime.engine.stopping import DecodeStream
@@ -32,6 +33,7 @@ class Sequence:
     encoder_ids: list[int] | None = None  # encoder-decoder: [prefix placeholders] + prompt
     prompt_length: int = 0  # leading `tokens` that are input (what input-token details cover, decoder-only)
     history: TokenHistory | None = None  # repetition-penalty ids, made on first use
+    guide: GrammarState | None = None  # guided decoding: set (compiled) before the sequence is scheduled
     arrival: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING

@@ -22,12 +22,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from runtime.config import ConfigError, ServerConfig, check_engine_options
+from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.engine.config import EngineConfig
 from runtime.hub import resolve_model_or_default
-from runtime.server.http import HealthMetricsServer
+from runtime.server.http import HttpServer, health_metrics_app
 from runtime.server.metrics import Metrics
 from runtime.server.ports import check_bindable
-from runtime.server.tls import server_credentials
+from runtime.server.tls import http_ssl_context, server_credentials
 from runtime.server.wire import SERVICE, add_generation_service
 from runtime.threads import tokenization_workers
 
@@ -159,6 +160,7 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     config.validate()
     credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    http_ssl = http_ssl_context(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
     check_bindable(config.host, config.grpc_port, "gRPC", "--grpc-port / GRPC_PORT")
     check_bindable(config.host, config.port, "HTTP", "--port / PORT")
     model_dir = resolve_model_or_default(config.model_name, config.revision)
@@ -172,22 +174,26 @@ async def _serve(config: ServerConfig) -> int:
                                      functools.partial(configure_logging, config.json_output))
     log.info("Model %s loaded in %.1f s", model_dir, time.monotonic() - started)
     try:
-        return await _run_servers(config, engine, credentials, max_new_tokens, stop)
+        return await _run_servers(config, engine, credentials, http_ssl, max_new_tokens, stop)
     finally:
         engine.shutdown()
 
 
-async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens: int, stop: asyncio.Event) -> int:
-    from runtime.server.grpc_service import GenerationServicer  # torch: imported once the options are known good
+async def _run_servers(config: ServerConfig, engine, credentials, http_ssl, max_new_tokens: int,
+                       stop: asyncio.Event) -> int:
+    # torch and the engine's types: imported once the options are known good
+    from runtime.server.frontend import FrontEnd
+    from runtime.server.grpc_service import GenerationServicer
+    from runtime.server.openai_api.service import OpenAIApi
 
     metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
     engine.add_step_listener(metrics.on_step)
+    front = FrontEnd(engine, metrics, max_new_tokens, config.max_concurrent_requests)  # shared by gRPC and HTTP
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", config.max_request_bytes)])
-    servicer = GenerationServicer(
-        engine, metrics, max_new_tokens, config.max_concurrent_requests, config.default_include_stop_seqs,
-        prefix_store(config, engine), config.max_top_n_tokens,
-        config.tokenization_workers or tokenization_workers(config.world_size))
+    servicer = GenerationServicer(front, config.default_include_stop_seqs, prefix_store(config, engine),
+                                  config.max_top_n_tokens,
+                                  config.tokenization_workers or tokenization_workers(config.world_size))
     add_generation_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -204,19 +210,19 @@ async def _run_servers(config: ServerConfig, engine, credentials, max_new_tokens
     await server.start()
     for name in HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    http = HealthMetricsServer(config.host, config.port, asyncio.get_running_loop(), engine.check_health,
-                               metrics.render)
-    http.start()
-    log.info("Serving %s on %s (%s) and /health, /metrics on %s:%d", SERVICE_NAME, address,
-             "mTLS" if config.tls_client_ca_cert_path else "TLS" if credentials else "plaintext", config.host,
-             http.port)
+    openai = OpenAIApi(front, config.model_name or DEFAULT_MODEL_NAME, bool(config.tls_client_ca_cert_path))
+    http = HttpServer(health_metrics_app(engine.check_health, metrics.render, [openai.route()]), config.host,
+                      config.port, http_ssl, config.shutdown_grace_period)
+    await http.start()
+    log.info("Serving %s on %s and /health, /metrics, the OpenAI API (/v1, model %s) on %s:%d (%s)", SERVICE_NAME,
+             address, openai.model_name, config.host, http.port,
+             "mTLS" if config.tls_client_ca_cert_path else "TLS" if credentials else "plaintext")
     code = await _until_stop_or_failure(engine, stop)
     if code:
         write_termination_log(config.termination_log_path, engine.failure)
     log.info("Shutting down: finishing in-flight requests (grace period %.0f s)", config.shutdown_grace_period)
     await health_servicer.enter_graceful_shutdown()
-    await asyncio.to_thread(http.stop)
-    await server.stop(config.shutdown_grace_period)
+    await asyncio.gather(http.stop(), server.stop(config.shutdown_grace_period))
     await servicer.close()
     log.info("Shutdown complete")
     return code

@@ -4,7 +4,8 @@ Per RPC: count it, take permits (one per input, `Model is overloaded` when none 
 parameters, tokenize and length-check every input, draw seeds, then run each input as an independent engine request
 and assemble TGIS responses (input-text echo, seed echo, token strings, the stream message sequence of spec §1.10).
 A client that goes away cancels the handler task, which closes the engine stream and so aborts the request at once;
-it is counted as cancelled wherever it lands (validation, queue, generation).
+it is counted as cancelled wherever it lands (validation, queue, generation). What is not about the gRPC wire
+(permits, inputs, ids, seeds, outcome metrics and logs) is `FrontEnd`'s, shared with the OpenAI HTTP API.
 
 Tokenization (Generate/GenerateStream validation and Tokenize) runs on a bounded thread pool, as TGIS' router's
 tokenization workers: a multi-megabyte text then delays only the RPCs queued behind it on the pool, never the event
@@ -15,71 +16,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
-import logging
-import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
 from runtime.echo import echo
-from runtime.engine.inputs import prepare_input
 from runtime.engine.lora import LoraRef, find_lora
-from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput, StopReason, TokenDetail
+from runtime.engine.request import GenerationParams, RequestOutput, StopReason, TokenDetail
 from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
-from runtime.server.metrics import Metrics
+from runtime.server.frontend import Checked, FrontEnd, Input, Overloaded
+from runtime.server.guided import check_compiles, proto_guided_spec
 from runtime.server.validation import (
     ValidationError,
     check_length,
     check_server_limits,
     convert_params,
     validate_params,
-    with_seed,
 )
 from runtime.tokenization import tokenize
-
-log = logging.getLogger("tgis.server")
-
-_QUIET_REASONS = {StopReason.MAX_TOKENS, StopReason.EOS_TOKEN, StopReason.STOP_SEQUENCE, StopReason.TIME_LIMIT}
-
-
-@dataclass
-class _Input:
-    text: str
-    input_length: int
-    request: EngineRequest
 
 
 class _GenerationFailed(Exception):
     pass
 
 
-def _reason_name(reason: StopReason) -> str:
-    """TGIS logs the Rust Debug form of the enum (`MaxTokens`)."""
-    return "".join(part.capitalize() for part in reason.name.split("_"))
-
-
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, engine, metrics: Metrics, max_new_tokens: int, max_concurrent_requests: int,
-                 default_include_stop_seqs: bool, prefix_store: PrefixStore | None = None,
+    def __init__(self, front: FrontEnd, default_include_stop_seqs: bool, prefix_store: PrefixStore | None = None,
                  max_top_n_tokens: int | None = None, tokenization_workers: int = 1):
-        self.engine = engine
+        self.front = front
+        self.engine = front.engine
         self.prefix_store = prefix_store
-        self.tokenizer = engine.tokenizer
-        self.metrics = metrics
-        self.max_sequence_length: int = engine.max_sequence_length
-        self.max_new_tokens = max_new_tokens  # effective server limit: min(configured, S - 1)
+        self.tokenizer = front.tokenizer
+        self.metrics = front.metrics
+        self.max_sequence_length: int = front.max_sequence_length
+        self.max_new_tokens = front.max_new_tokens
         self.default_include_stop_seqs = default_include_stop_seqs
-        self._free_permits = max_concurrent_requests
         self.max_top_n_tokens = max_top_n_tokens
-        self._ids = itertools.count()
-        self._rng = random.Random()
         self._tokenizing = ThreadPoolExecutor(tokenization_workers, thread_name_prefix="tgis-tokenize")
         self._handlers: set[asyncio.Task] = set()
 
@@ -151,7 +127,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         msg.stop_reason, msg.stop_sequence = out.stop_reason, out.stop_sequence or ""
                         msg.seed = self._seed(inp)
                         finished = True
-                        self._completed(out, "stream", "Streaming response", inp, "".join(text), start, context)
+                        self.front.completed(out, "stream", "Streaming response", inp, "".join(text), start,
+                                             _correlation_id(context))
                         yield msg
                     elif msg.text or msg.tokens:
                         yield msg
@@ -189,15 +166,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # ---- admission and validation ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _permits(self, n: int, context):
-        """TGIS' semaphore, never waited on: no permits left means `Model is overloaded` at once."""
-        if self._free_permits < n:
-            self.metrics.inc("tgi_request_failure", err="conc_limit")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Model is overloaded")
-        self._free_permits -= n
-        try:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.front.permits(n))
+            except Overloaded as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             yield
-        finally:
-            self._free_permits += n
 
     @contextlib.asynccontextmanager
     async def _cancellation(self, n: int, context, done: Callable[[], bool] = lambda: False):
@@ -209,12 +183,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             yield
         except (asyncio.CancelledError, GeneratorExit):
             if not done():
-                self._cancelled(n, context)
+                self.front.cancelled(n, _correlation_id(context))
             raise
         finally:
             self._handlers.discard(task)
 
-    async def _validated(self, request, texts: list[str], context, start: float, stream: bool) -> list[_Input]:
+    async def _validated(self, request, texts: list[str], context, start: float, stream: bool) -> list[Input]:
         """Conversion, the checks of spec §1.5 in order, per-input length checks and seeds; INVALID_ARGUMENT on
         the first failure (in a batch, the first failing input decides). Server limits TGIS lacks come last, so a
         request TGIS would reject still gets TGIS' message."""
@@ -223,40 +197,29 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             gp = convert_params(request.params if has_params else None, self.default_include_stop_seqs,
                                 time.monotonic())
             gp.stream = stream
-            guided = request.params.decoding.WhichOneof("guided") if has_params else None
-            validate_params(gp, self.max_new_tokens, guided)
+            validate_params(gp, self.max_new_tokens)
+            gp.guided = proto_guided_spec(request.params.decoding) if has_params else None
             adapter_id = request.adapter_id or request.prefix_id
             lora = self._lora(adapter_id)
             prefix = None if lora else await self._prefix(adapter_id)
             prefix_length = 0 if prefix is None else prefix.length
             checked = await self._off_loop(self._tokenized, texts, request.params.truncate_input_tokens, gp,
                                            prefix_length)
+            if gp.guided is not None:  # the only other check that can take milliseconds
+                await check_compiles(self.engine.grammars, gp.guided)
             check_server_limits(gp, self.max_top_n_tokens)
         except ValidationError as exc:
-            self.metrics.inc("tgi_request_failure", err="validation")
+            self.front.rejected()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.metrics.observe("tgi_request_validation_duration", time.monotonic() - start)
-        inputs = []
-        for text, prepared, params in checked:
-            self.metrics.observe("tgi_request_input_length", prepared.input_length)
-            self.metrics.observe("tgi_request_max_new_tokens", gp.max_new_tokens)
-            request_id = f"req-{next(self._ids)}"
-            inputs.append(_Input(text, prepared.input_length,
-                                 EngineRequest(request_id, prepared.input_ids, with_seed(params, self._rng), prefix,
-                                               lora)))
-        return inputs
+        return self.front.admit(checked, start, prefix, lora)
 
-    def _tokenized(self, texts: list[str], truncate: int, gp: GenerationParams, prefix_length: int):
+    def _tokenized(self, texts: list[str], truncate: int, gp: GenerationParams, prefix_length: int) -> list[Checked]:
         """On the tokenization pool: checks #13-#15 per input, in order."""
         checked = []
         for text in texts:
-            try:
-                prepared = prepare_input(self.tokenizer, text, truncate)
-            except Exception as exc:
-                raise ValidationError(f"tokenizer error {exc}") from exc
-            self.metrics.observe("tgi_request_raw_input_length", prepared.raw_length)
-            checked.append((text, prepared, check_length(gp, prepared.input_length, self.max_sequence_length,
-                                                         prefix_length)))
+            prepared = self.front.prepare(text, truncate)
+            checked.append(Checked(text, prepared, check_length(gp, prepared.input_length, self.max_sequence_length,
+                                                                prefix_length)))
         return checked
 
     def _lora(self, adapter_id: str) -> LoraRef | None:
@@ -299,7 +262,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return prefix
 
     # ---- running and responses -------------------------------------------------------------------------------
-    async def _unary(self, inp: _Input, params: pb.Parameters, kind: str, index: int, count: int, start: float,
+    async def _unary(self, inp: Input, params: pb.Parameters, kind: str, index: int, count: int, start: float,
                      context) -> pb.GenerationResponse:
         label = "Request" if count == 1 else f"Sub-request {index} from batch of {count}"
         tokens: list[TokenDetail] = []
@@ -312,8 +275,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     input_tokens = out.input_tokens
                 final = out
         if final.error is not None:
-            self._log_failure(final, label, inp, context)
-            raise _GenerationFailed(f"Request failed during {final.error_stage}: {final.error}")
+            raise _GenerationFailed(self.front.failed(final, label, inp, _correlation_id(context)))
         text = final.output_text or ""
         timed_out_queued = final.stop_reason == StopReason.TIME_LIMIT and final.generated_token_count == 0
         if params.response.input_text and not timed_out_queued:
@@ -325,15 +287,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             response.tokens.extend(self._token_infos(tokens))
         if input_tokens is not None:
             response.input_tokens.extend(self._token_infos(input_tokens))
-        self._completed(final, kind, label, inp, final.output_text or "", start, context)
+        self.front.completed(final, kind, label, inp, final.output_text or "", start, _correlation_id(context))
         return response
 
-    async def _fail(self, out: RequestOutput, label: str, inp: _Input, context) -> None:
-        self._log_failure(out, label, inp, context)
+    async def _fail(self, out: RequestOutput, label: str, inp: Input, context) -> None:
+        message = self.front.failed(out, label, inp, _correlation_id(context))
         self.metrics.inc("tgi_request_failure", err="generate")
-        await context.abort(grpc.StatusCode.UNKNOWN, f"Request failed during {out.error_stage}: {out.error}")
+        await context.abort(grpc.StatusCode.UNKNOWN, message)
 
-    def _seed(self, inp: _Input) -> int:
+    def _seed(self, inp: Input) -> int:
         params = inp.request.params
         return params.seed if params.sampling else 0
 
@@ -355,44 +317,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             infos.append(info)
         return infos
 
-    # ---- metrics and logs ------------------------------------------------------------------------------------
-    def _completed(self, final: RequestOutput, kind: str, label: str, inp: _Input, text: str, start: float,
-                   context) -> None:
-        """Success metrics of spec §4.7 and the completion line of §4.4. A deadline hit while still queued is a
-        `timeout` failure in TGIS, not a success."""
-        n = final.generated_token_count
-        if final.stop_reason == StopReason.TIME_LIMIT and n == 0:
-            self.metrics.inc("tgi_request_failure", err="timeout")
-        else:
-            self.metrics.inc("tgi_request_success", stop_reason=final.stop_reason.name, kind=kind)
-            self.metrics.observe("tgi_request_inference_duration", final.inference_time)
-            if n:
-                self.metrics.observe("tgi_request_mean_time_per_token_duration", final.inference_time / n)
-            self.metrics.observe("tgi_request_duration", time.monotonic() - start)
-            self.metrics.observe("tgi_request_generated_tokens", n)
-            self.metrics.observe("tgi_request_total_tokens", inp.input_length + n)
-        level = logging.INFO if final.stop_reason in _QUIET_REASONS else logging.WARNING
-        log.log(level, "%s generated %d tokens before %s, output %d bytes: %s", label, n,
-                _reason_name(final.stop_reason), len(text.encode()), json.dumps(text[:32], ensure_ascii=False),
-                extra=self._log_fields(inp, context))
 
-    def _log_failure(self, out: RequestOutput, label: str, inp: _Input, context) -> None:
-        log.error("%s generated %d tokens before %s, output 0 bytes: \"\"; error: %s", label,
-                  out.generated_token_count, _reason_name(StopReason.ERROR), out.error,
-                  extra=self._log_fields(inp, context))
-
-    def _cancelled(self, n: int, context) -> None:
-        self.metrics.inc("tgi_request_failure", n, err="cancelled")
-        log.warning("%d request(s) cancelled (CANCELLED)", n,
-                    extra={"correlation_id": self._correlation_id(context)})
-
-    def _log_fields(self, inp: _Input, context) -> dict:
-        return {"correlation_id": self._correlation_id(context), "request_id": inp.request.request_id,
-                "input_toks": inp.input_length}
-
-    @staticmethod
-    def _correlation_id(context) -> str:
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-correlation-id":
-                return value
-        return "<none>"
+def _correlation_id(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-correlation-id":
+            return value
+    return "<none>"

@@ -55,6 +55,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "tgi_tokenize_request_input_count": (COUNTER, (), None),
     "tgi_tokenize_request_tokens": (HISTOGRAM, (), "tokenize"),
     "tgi_tokenize_request_duration": (HISTOGRAM, (), "duration"),
+    # ours, beside TGIS' (no name clash): prompt tokens looked up in the prefix cache, and those found computed
+    "tgis_prefix_cache_queries": (COUNTER, (), None),
+    "tgis_prefix_cache_hits": (COUNTER, (), None),
 }
 
 _KINDS = {COUNTER: Counter, GAUGE: Gauge, HISTOGRAM: Histogram, SUMMARY: Summary}
@@ -116,7 +119,17 @@ class Metrics:
         return generate_latest(self._exposition)
 
     def on_step(self, s: StepStats) -> None:
-        """Engine step listener: the router-side batch metrics of spec §4.7 (called on the engine thread)."""
+        """Engine step listener: the router-side batch metrics of spec §4.7 (called on the engine thread). A step
+        that computed prompt chunks beside decodes is one forward: it counts as a prefill call. An "idle" step
+        (work left the batch outside a step) only refreshes the gauges."""
+        if s.method != "idle":
+            self._on_forward(s)
+        self.set("tgi_batch_current_size", s.running)
+        self.set("tgi_batch_input_tokens", s.batch_input_tokens)
+        self.set("tgi_batch_max_remaining_tokens", s.remaining_tokens)
+        self.set("tgi_queue_size", s.queue_size)
+
+    def _on_forward(self, s: StepStats) -> None:
         self.inc("tgi_batch_inference_count", method=s.method)
         self.observe("tgi_batch_inference_batch_size", s.batch_size, method=s.method)
         if s.ok:
@@ -133,7 +146,6 @@ class Metrics:
             self.inc("tgi_batch_concatenation_count")
         for waited in s.queue_durations_s:
             self.observe("tgi_request_queue_duration", waited)
-        self.set("tgi_batch_current_size", s.running)
-        self.set("tgi_batch_input_tokens", s.batch_input_tokens)
-        self.set("tgi_batch_max_remaining_tokens", s.remaining_tokens)
-        self.set("tgi_queue_size", s.queue_size)
+        if s.prefix_cache_queries:
+            self.inc("tgis_prefix_cache_queries", s.prefix_cache_queries)
+            self.inc("tgis_prefix_cache_hits", s.prefix_cache_hits)

@@ -1,9 +1,12 @@
-"""gRPC server credentials: TLS, or mutual TLS when a client CA is given (spec §4.5). HTTP stays plain.
+"""Server TLS: gRPC credentials, and the HTTP port's SSL context from the same files (spec §4.5). Unlike TGIS, whose
+HTTP port stays plain, the HTTP port here also carries the OpenAI API, so it gets TLS too; with a client CA, the
+OpenAI API requires a client certificate while /health and /metrics do not (kubelet probes and Prometheus scrapes
+present none, as they reach TGIS' plain port).
 
-Files are read and checked at start: grpcio accepts any bytes as a key and only fails later, when binding the
-port, with "Failed to bind to address" (the real cause goes to grpc's own stderr). Python's ssl module parses the
-same PEM files first, so a bad key, a key that does not belong to the certificate, or a bad CA file fails start-up
-with a message that names the file and the problem.
+Files are read and checked at start, by Python's ssl module: grpcio accepts any bytes as a key and only fails later,
+when binding the port, with "Failed to bind to address" (the real cause goes to grpc's own stderr), so a bad key, a
+key that does not belong to the certificate, or a bad CA file fails start-up with a message naming the file and the
+problem.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ def _reason(exc: ssl.SSLError) -> str:
     return f" ({exc.reason.replace('_', ' ').lower()})" if exc.reason else ""
 
 
-def check_pem(cert_path: str, key_path: str, client_ca_path: str | None) -> None:
-    """TLSError unless the certificate, its private key (unencrypted) and the client CA parse and belong together."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _checked_context(cert_path: str, key_path: str, client_ca_path: str | None) -> ssl.SSLContext:
+    """A server context holding the certificate and its (unencrypted) key, trusting the client CA if given;
+    TLSError naming the file that does not parse or the key that does not belong to the certificate."""
     try:
-        context.load_verify_locations(cafile=cert_path)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert_path)  # parses it, trusts nothing
     except ssl.SSLError as exc:
         raise TLSError(f"tls: {cert_path} is not a PEM certificate{_reason(exc)}") from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(cert_path, key_path, password="")
     except ssl.SSLError as exc:
@@ -48,6 +52,7 @@ def check_pem(cert_path: str, key_path: str, client_ca_path: str | None) -> None
             context.load_verify_locations(cafile=client_ca_path)
         except ssl.SSLError as exc:
             raise TLSError(f"tls: {client_ca_path} is not a PEM CA certificate{_reason(exc)}") from exc
+    return context
 
 
 def server_credentials(cert_path: str | None, key_path: str | None,
@@ -57,5 +62,17 @@ def server_credentials(cert_path: str | None, key_path: str | None,
         return None
     cert, key = _load("cert", cert_path), _load("key", key_path)
     ca = _load("client ca cert", client_ca_path) if client_ca_path else None
-    check_pem(cert_path, key_path, client_ca_path)
+    _checked_context(cert_path, key_path, client_ca_path)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def http_ssl_context(cert_path: str | None, key_path: str | None,
+                     client_ca_path: str | None) -> ssl.SSLContext | None:
+    """None for plaintext. With a client CA, a client certificate is asked for and, when presented, verified
+    against it (a bad one fails the handshake); the HTTP app decides which paths need one."""
+    if not cert_path or not key_path:
+        return None
+    context = _checked_context(cert_path, key_path, client_ca_path)
+    if client_ca_path:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context

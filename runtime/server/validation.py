@@ -72,7 +72,7 @@ def _convert_sampling(p: pb.Parameters, gp: GenerationParams) -> None:
         gp.typical_p = sp.typical_p
 
 
-def validate_params(gp: GenerationParams, server_max_new_tokens: int, guided: str | None = None) -> None:
+def validate_params(gp: GenerationParams, server_max_new_tokens: int) -> None:
     """The per-RPC checks #1–#11 of spec §1.5, first failure wins."""
     if gp.temperature != 0.0 and gp.temperature < 0.05:
         raise ValidationError("temperature must be >= 0.05")
@@ -96,8 +96,6 @@ def validate_params(gp: GenerationParams, server_max_new_tokens: int, guided: st
         raise ValidationError("must request input and/or generated tokens to request extra token detail")
     if any(not s or len(s.encode()) > MAX_STOP_SEQUENCE_BYTES for s in gp.stop_sequences):
         raise ValidationError(STOP_SEQUENCES_MESSAGE)
-    if guided:
-        raise ValidationError(f"guided decoding ({guided}) is not supported by this server")
 
 
 def check_length(gp: GenerationParams, input_length: int, max_sequence_length: int,
