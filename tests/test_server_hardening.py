@@ -300,6 +300,9 @@ def test_fuzzed_requests_get_the_spec_answers_and_never_hurt_a_bystander(stub, t
         for kind, code, message, expected in (("Generate", u_code, u_msg, expected_unary),
                                               ("GenerateStream", s_code, s_msg, expected_stream)):
             assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (kind, message)
+            if expected == oracle.GUIDED:
+                assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (kind, message)
+                continue
             want = (grpc.StatusCode.OK, None) if expected is None else expected
             assert code == want[0], (kind, message, want)
             if want[1] is not None:
@@ -464,7 +467,7 @@ def test_sigterm_with_streams_nobody_reads_exits_after_the_grace_period(model_di
         _wait(lambda: not any(_alive(pid) for pid in engine_pids), timeout=20)
     logs = server.logs()
     assert "Shutdown complete" in logs and "Traceback" not in logs
-    assert logs.count("1 request(s) cancelled (CANCELLED)") == 16
+    assert logs.count("1 request(s) cancelled") == 16
 
 
 def _children(pid: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 Written from the spec text, not from runtime/server/validation.py, so the two can disagree: the fuzz test compares
 the real server against this. `verdict()` gives what TGIS answers a Generate/GenerateStream request with: None (it
-is served) or (status, message); message None means the spec has no wording for the case (our extensions).
+is served) or (status, message); message None means the spec has no wording for the case (our extensions); GUIDED
+means served or refused with any INVALID_ARGUMENT (guided decoding is no TGIS feature: its checks are this server's).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from proto import generation_pb2 as pb
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 STOP_MESSAGE = "can specify at most 6 non-empty stop sequences, each not more than 240 UTF8 bytes"
 ID_PATTERN = r"[/\w\-]+"
+GUIDED = "served, or INVALID_ARGUMENT with this server's own message"
 
 
 @dataclass
@@ -133,14 +135,14 @@ def length_failure(n: int, prefix: int, e: Effective, s: int) -> str | None:
 
 
 def verdict(request, texts: list[str], tokenizer, store: Store, s: int, server_max_new: int,
-            max_top_n: int) -> tuple[grpc.StatusCode, str | None] | None:
+            max_top_n: int) -> tuple[grpc.StatusCode, str | None] | str | None:
     """TGIS' answer to a Generate (or, with one text, GenerateStream) request; None when it is served."""
     e = effective(request)
     failure = parameter_failure(e, server_max_new)
     if failure:
         return INVALID, failure
     if request.HasField("params") and request.params.decoding.WhichOneof("guided"):
-        return INVALID, None  # guided decoding: not TGIS, this server's own answer
+        return GUIDED
     prefix, failure = prefix_lookup(request.adapter_id or request.prefix_id, store)
     if failure:
         return INVALID, failure
