@@ -109,7 +109,7 @@ def test_unparseable_env_value_fails_before_start(tmp_path):
 
 def test_bad_tls_files_fail_start_with_their_real_cause(pki, tmp_path):
     """grpcio would only say "Failed to bind to address" once the model had loaded; the files are checked first."""
-    paths, _ = pki
+    paths = pki[0]
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key")
     other_key = tmp_path / "other-key.pem"
