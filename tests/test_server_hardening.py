@@ -3,9 +3,10 @@ with a prompt prefix, a LoRA adapter and broken adapters, one tokenization worke
 
 A hypothesis fuzz drives every field of Generate, GenerateStream and Tokenize and checks each answer against an
 independent reading of the spec (tests/tgis_oracle.py) while a bystander request keeps getting exactly its
-reference text. Then the findings one by one: garbage wire bytes, ids too long for a file name, adapter configs
-that cannot be used, the top_n_tokens cap, tokenization beside the event loop, cancellations during validation,
-oversized requests, and a SIGTERM with streams nobody reads."""
+reference text (500 cases, derandomized; FUZZ_EXAMPLES=3000 for a longer hunt). Then the findings one by one:
+garbage wire bytes, ids too long for a file name, adapter configs that cannot be used, the top_n_tokens cap,
+tokenization beside the event loop, cancellations during validation, oversized requests, and a SIGTERM with streams
+nobody reads."""
 
 from __future__ import annotations
 
