@@ -1,7 +1,8 @@
-"""Helpers shared by subcommands."""
+"""Helpers shared by subcommands: the user-facing error type, model arguments, shared option checks."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -10,10 +11,12 @@ from rich.console import Console
 err_console = Console(stderr=True)
 
 
-def not_implemented(command: str) -> None:
-    """Fail loudly for a command whose implementation has not landed yet (never a fake success)."""
-    err_console.print(f"[red]tgis {command}: not implemented yet[/red]")
-    raise typer.Exit(code=2)
+class CliError(Exception):
+    """A mistake or failure the user can act on: one red line on stderr, exit `code` (2 usage, 1 run time)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def is_model(name: str) -> bool:
@@ -27,12 +30,31 @@ def is_model(name: str) -> bool:
     return True
 
 
-def resolve_model(name: str | None, revision: str | None = None) -> Path:
-    """A model directory for `name`; the built-in default model (prepared on first use) when None."""
-    from runtime.hub import ModelNotFoundError, resolve_model_or_default
+def looks_like_path(arg: str) -> bool:
+    """An argument no prompt would be: no whitespace, shaped like a path or a hub id (./x, ../x, /x, ~/x, org/x)."""
+    return bool(arg) and not any(c.isspace() for c in arg) and (arg.startswith((".", "/", "~")) or "/" in arg)
 
-    try:
-        return resolve_model_or_default(name, revision)
-    except ModelNotFoundError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=1) from exc
+
+def split_model_argument(args: list[str], model: str | None) -> tuple[str | None, list[str]]:
+    """`[MODEL] TEXT...`: the first of several arguments is the model when it is one, or when it looks like a path
+    or a hub id, so that a missing model fails loudly instead of silently becoming a prompt."""
+    if model is None and len(args) > 1 and (looks_like_path(args[0]) or is_model(args[0])):
+        return os.path.expanduser(args[0]), args[1:]
+    return model, args
+
+
+def resolve_model(name: str | None, revision: str | None = None) -> Path:
+    """A model directory for `name`; the built-in default model (prepared on first use) when None. A missing model
+    raises ModelNotFoundError, whose message says how to fetch it."""
+    from runtime.hub import resolve_model_or_default
+
+    return resolve_model_or_default(name, revision)
+
+
+def check_dtype(value: str | None) -> str | None:
+    """typer callback for `--dtype`: the names the loader accepts, checked before anything loads."""
+    from runtime.config import DTYPES
+
+    if value is not None and value not in DTYPES:
+        raise typer.BadParameter(f"'{value}' is not a dtype: use one of {', '.join(DTYPES)}")
+    return value

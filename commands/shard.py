@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from commands._common import err_console, resolve_model
+from commands._common import resolve_model
 
 
 def shard(
@@ -19,13 +19,9 @@ def shard(
     """Split attention by (KV) heads, MLP gate/up by columns and down by rows, o_proj by rows, embeddings and
     lm_head by vocabulary; record rules and source checksums; verify the shards reassemble bit-exactly.
     Serve the output directory with `tgis serve --model-name DIR --num-gpus N`: each rank then reads only its file."""
-    from runtime.parallel.sharding import ShardingError, shard_checkpoint
+    from runtime.parallel.sharding import shard_checkpoint
 
-    try:
-        manifest = shard_checkpoint(resolve_model(model, revision), num_shards, output)
-    except ShardingError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(code=1) from exc
+    manifest = shard_checkpoint(resolve_model(model, revision), num_shards, output)
     split = sum(rule["split"] != "replicate" for rule in manifest["rules"].values())
     print(f"wrote {num_shards} shards to {output}: {split} tensors split, "
           f"{len(manifest['rules']) - split} replicated; reassembly verified")

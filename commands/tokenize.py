@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands._common import is_model, resolve_model
+from commands._common import resolve_model, split_model_argument
 
 console = Console(highlight=False)
 
@@ -29,9 +29,7 @@ def tokenize(
 
     from runtime.tokenization import tokenize as tokenize_text
 
-    args = list(args)
-    if model is None and len(args) > 1 and is_model(args[0]):
-        model = args.pop(0)
+    model, args = split_model_argument(list(args), model)
     tok = AutoTokenizer.from_pretrained(resolve_model(model, revision))
     for text in args:
         result = tokenize_text(tok, text, truncate_input_tokens)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-META_EXTENSIONS = [".json", ".py", ".model", ".md"]
+# TGIS' meta files (spec §5.1: config, tokenizer, code, README) plus `.jinja`: transformers now saves chat templates as
+# chat_template.jinja beside tokenizer_config.json, and without it an instruct model has no template
+META_EXTENSIONS = [".json", ".py", ".model", ".md", ".jinja"]
 SKIP_DOWNLOAD = ("arguments", "args", "training")
 _CACHE_VARS = ("HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HUGGINGFACE_HUB_CACHE")
 

@@ -67,8 +67,11 @@ def _split_json(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_generate_smollm2_paris(smollm2_dir):
-    result = _invoke("generate", str(smollm2_dir), "The capital of France is", "-n", "3", "--dtype", "float32")
-    assert result.stdout.startswith(" Paris.")
+    """An instruct model: prompts go through its chat template by default, --raw sends them as they are."""
+    raw = _invoke("generate", str(smollm2_dir), "The capital of France is", "-n", "3", "--dtype", "float32", "--raw")
+    assert raw.stdout.startswith(" Paris.")
+    chat = _invoke("generate", str(smollm2_dir), "What is the capital of France?", "-n", "8", "--dtype", "float32")
+    assert "Paris" in chat.stdout
 
 
 def test_generate_guided_options(tiny_model, tmp_path):

@@ -50,8 +50,9 @@ def test_download_fills_cache_then_noop_then_resolves_offline(hub, tiny_model):
     assert (folder / "refs" / "main").read_text() == repo.sha
     snap = folder / "snapshots" / repo.sha
     names = sorted(p.name for p in snap.iterdir())
-    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert names == ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]
+    assert "HTTP Request" not in first.stderr  # httpx's per-request INFO lines stay quiet
     assert (snap / "model.safetensors").is_symlink() and any((folder / "blobs").iterdir())
     assert (snap / "model.safetensors").read_bytes() == (tiny_model("llama") / "model.safetensors").read_bytes()
     served = hub.downloads()

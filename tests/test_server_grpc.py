@@ -283,9 +283,6 @@ def test_64_concurrent_mixed_requests_match_sequential(server):
 def test_cancelled_streams_free_the_engine(server, stub):
     follow = gen_request(PROMPTS[2], stopping=stopping(max_new_tokens=8))
     expected = stub.Generate(follow, timeout=T)
-    t0 = time.monotonic()
-    stub.Generate(follow, timeout=T)
-    alone = time.monotonic() - t0
     before = server.metrics().get('tgi_request_failure{err="cancelled"}', 0)
     success_key = 'tgi_request_success{kind="stream",stop_reason="MAX_TOKENS"}'
     successes = server.metrics().get(success_key, 0)
@@ -295,14 +292,14 @@ def test_cancelled_streams_free_the_engine(server, stub):
         next(call), next(call)  # first message, then a generated token: the request is in the engine
     for call in calls:
         call.cancel()
-    t0 = time.monotonic()
     assert stub.Generate(follow, timeout=T) == expected
-    assert time.monotonic() - t0 < alone * 3 + 1.0  # not stuck behind 16 x 400 tokens
     deadline = time.monotonic() + 10
     while server.metrics().get('tgi_request_failure{err="cancelled"}', 0) - before < 16:
         assert time.monotonic() < deadline, "cancellations not counted"
         time.sleep(0.1)
     assert server.metrics()['tgi_request_failure{err="cancelled"}'] - before == 16
+    # the engine dropped them: 16 x 400 tokens would keep the batch busy long after the follow-up (a wall-clock
+    # bound would say the same, but not on a loaded machine)
     assert server.metrics()["tgi_batch_current_size"] == 0
     assert server.metrics().get(success_key, 0) == successes  # none of them ran to completion
 

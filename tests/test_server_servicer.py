@@ -18,6 +18,8 @@ from runtime.server.frontend import FrontEnd
 from runtime.server.grpc_service import GenerationServicer
 from runtime.server.http import HttpServer, health_metrics_app
 from runtime.server.metrics import Metrics
+from runtime.server.validation import EMPTY_INPUT_MESSAGE
+from runtime.server.wire import add_generation_service
 
 
 class ScriptedEngine:
@@ -76,8 +78,7 @@ def run_with_server(tokenizer, body, max_concurrent: int = 8):
 
     async def main():
         server = grpc.aio.server()
-        pb_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(FrontEnd(engine, metrics, 40, max_concurrent), True), server)
+        add_generation_service(GenerationServicer(FrontEnd(engine, metrics, 40, max_concurrent), True), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -194,6 +195,23 @@ def test_cancellation_closes_engine_streams_and_releases_permits(tokenizer):
     assert len(resp.responses) == 2
     assert sorted(engine.closed_early) == ["req-0", "req-1", "req-2"]
     assert 'tgi_request_failure{err="cancelled"} 3.0' in metrics.render().decode()
+
+
+def test_empty_input_without_bos_is_refused_and_never_reaches_the_engine(tokenizer):
+    """The GPT-2 tokenizer adds no BOS: an empty text has no position to generate from (TGIS' shard fails it with a
+    tensor-shape error, as UNKNOWN); with a Llama tokenizer the same text is BOS alone and is served."""
+    async def body(stub):
+        out = []
+        for call in (lambda: stub.Generate(batch(["fine", ""])), lambda: stub.GenerateStream(req("")).read()):
+            try:
+                await call()
+            except grpc.aio.AioRpcError as err:
+                out.append((err.code(), err.details()))
+        return out
+
+    codes, engine, _ = run_with_server(tokenizer, body)
+    assert codes == [(grpc.StatusCode.INVALID_ARGUMENT, EMPTY_INPUT_MESSAGE)] * 2
+    assert engine.requests == []
 
 
 def test_overload(tokenizer):

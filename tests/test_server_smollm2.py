@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import jsonschema
@@ -29,8 +28,10 @@ D = pb.DecodingParameters
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
+    # a grace period no busy machine runs out of: the SIGTERM test measures the exit from the stream's end
     with running_server(smollm2_dir, tmp_path_factory.mktemp("smollm2"), "--dtype", "float32",
-                        "--max-sequence-length", "200", "--max-new-tokens", "169") as srv:
+                        "--max-sequence-length", "200", "--max-new-tokens", "169",
+                        "--shutdown-grace-period", "600") as srv:
         yield srv
 
 
@@ -171,12 +172,10 @@ def test_guided_bad_specs_are_invalid_argument_unary_and_stream(stub, server):
 def test_sigterm_lets_the_running_stream_finish_then_exits_0(server, stub):
     req = pb.SingleGenerationRequest(request=pb.GenerationRequest(text="Tell me a long story."), params=pb.Parameters(
         stopping=pb.StoppingCriteria(max_new_tokens=50, min_new_tokens=50)))
-    call = stub.GenerateStream(req, timeout=T)
+    call = stub.GenerateStream(req, timeout=5 * T)  # 50 tokens on a loaded 2-core machine can take minutes
     msgs = [next(call), next(call)]
     server.signal(signal.SIGTERM)
-    signalled = time.monotonic()
     msgs += list(call)
     assert (msgs[-1].stop_reason, msgs[-1].generated_token_count) == (pb.MAX_TOKENS, 50)
-    assert server.wait(timeout=10) == 0
-    assert time.monotonic() - signalled < 10
+    assert server.wait(timeout=30) == 0  # it leaves once nothing is in flight, long before the grace period ends
     assert "Shutdown complete" in server.logs()

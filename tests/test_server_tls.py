@@ -86,10 +86,12 @@ def test_tls_and_mtls(tiny_model, pki, tmp_path):
      "couldn't load cert from /nonexistent/cert.pem"),
     (("--tls-cert-path", "/etc/hostname"), {}, "tls: must provide both cert and key"),
     (("--tls-cert-path", "/etc/hostname", "--tls-key-path", "/etc/hostname"), {},
-     "tls: invalid certificate /etc/hostname or key /etc/hostname"),
+     "tls: /etc/hostname is not a PEM certificate (no certificate or crl found)"),
     ((), {"MAX_SEQUENCE_LENGTH": "1"}, "max_sequence_length (1) must be at least 2 (1 input + 1 output)"),
     ((), {"MAX_CONCURRENT_REQUESTS": "0"}, "max_concurrent_requests must be > 0"),
     (("--model-name", "/nonexistent-model-dir"), {}, "/nonexistent-model-dir"),
+    (("--dtype", "float8"), {}, "Unrecognized data type: float8"),
+    (("--num-gpus", "5"), {}, "the model cannot be split into 5 tensor-parallel ranks"),  # checked before loading
     (("--kv-cache-tokens", "16", "--max-sequence-length", "64"), {},  # raised in the engine process
      "kv_cache_tokens (16) must be at least one full request's slots (64 for max_sequence_length 64)"),
 ])
@@ -102,4 +104,26 @@ def test_fatal_start_errors_go_to_termination_log(tmp_path, args, env, message):
 
 def test_unparseable_env_value_fails_before_start(tmp_path):
     code, output = run_to_exit(None, tmp_path, env={"MAX_BATCH_SIZE": "many"})
-    assert code == 2 and "MAX_BATCH_SIZE" in output
+    assert code == 2 and "(env var: 'MAX_BATCH_SIZE')" in output and "['" not in output  # no Python list repr
+
+
+def test_bad_tls_files_fail_start_with_their_real_cause(pki, tmp_path):
+    """grpcio would only say "Failed to bind to address" once the model had loaded; the files are checked first."""
+    paths = pki[0]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    other_key = tmp_path / "other-key.pem"
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(other_key)
+    cases = [
+        ((paths["cert"], garbage), f"tls: {garbage} is not an unencrypted PEM private key"),
+        ((paths["cert"], other_key), f"tls: the key in {other_key} does not belong to the certificate in "
+                                     f"{paths['cert']}"),
+        ((garbage, paths["key"]), f"tls: {garbage} is not a PEM certificate (no certificate or crl found)"),
+        ((paths["cert"], paths["key"], garbage), f"tls: {garbage} is not a PEM CA certificate"),
+    ]
+    for files, message in cases:
+        flags = ("--tls-cert-path", "--tls-key-path", "--tls-client-ca-cert-path")
+        args = [a for flag, path in zip(flags, files, strict=False) for a in (flag, str(path))]
+        code, output = run_to_exit(None, tmp_path, *args)
+        assert code == 1 and message in output and "Failed to bind" not in output, output
+        assert message in (tmp_path / "termination-log").read_text()

@@ -8,6 +8,7 @@ who it shares the batch with. Adapters load on first use from their directory an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import OrderedDict
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from runtime.echo import echo
 
 PEFT_PREFIX = "base_model.model."
 
@@ -34,14 +37,46 @@ class _Adapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A [r, in], B [out, r])
 
 
+def _json_object(path: Path) -> dict:
+    """A JSON object file; ValueError in words a client can act on (never a path or a Python class name)."""
+    try:
+        value = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path.name} cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path.name} is not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def _positive(value, integer: bool = False) -> bool:
+    kinds = int if integer else int | float
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0
+
+
 def read_lora_config(folder: Path) -> dict:
-    """adapter_config.json of a PEFT LoRA adapter; ValueError for what this engine cannot apply."""
-    config = json.loads((folder / "adapter_config.json").read_text())
+    """adapter_config.json of a PEFT LoRA adapter; ValueError for what this engine cannot apply (checked here, so
+    the engine never meets a config it would fail on)."""
+    config = _json_object(folder / "adapter_config.json")
     if config.get("fan_in_fan_out"):
         raise ValueError("LoRA adapters with fan_in_fan_out are not supported")
     if config.get("bias", "none") != "none":
         raise ValueError("LoRA adapters with trained biases are not supported")
+    if not _positive(config.get("r"), integer=True):
+        raise ValueError("adapter_config.json needs a positive integer r (the LoRA rank)")
+    if not _positive(config.get("lora_alpha", config["r"])):
+        raise ValueError("adapter_config.json: lora_alpha must be a positive number")
     return config
+
+
+@contextlib.contextmanager
+def _loading(name: str):
+    """Client messages for an adapter that cannot be used name it (cut to a bounded length)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"can't load adapter '{echo(name)}': {exc}") from exc
 
 
 def find_lora(folder: Path, name: str) -> LoraRef | None:
@@ -51,17 +86,16 @@ def find_lora(folder: Path, name: str) -> LoraRef | None:
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         return None
-    kind = json.loads(config_path.read_text()).get("peft_type")
+    with _loading(name):
+        kind = _json_object(config_path).get("peft_type")
     if kind == "PROMPT_TUNING":
         return None
     if kind != "LORA":
-        raise ValueError(f"adapter type {kind} is not currently supported")
-    try:
+        raise ValueError(f"adapter type {echo(str(kind))} is not currently supported")
+    with _loading(name):
         read_lora_config(folder)
-    except ValueError as exc:
-        raise ValueError(f"can't load adapter '{name}': {exc}") from exc
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise ValueError(f"can't load adapter '{name}': adapter_model.safetensors not found")
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise ValueError("adapter_model.safetensors not found")
     return LoraRef(name, str(folder))
 
 

@@ -6,6 +6,10 @@ core runs unchanged in a spawned process: requests and aborts travel over a mult
 as its inbox), and one pipe carries back, in order, output lists, step statistics with the health flag, and a
 terminal failure (a dead tensor-parallel rank). If the engine process itself dies, the pipe closes and the front
 end reports the failure, so the server stops instead of hanging.
+
+The process sizes torch's intra-op pool to the cores it really has, less one for the front end (runtime/threads.py;
+OMP_NUM_THREADS overrides). At shutdown every request still open is aborted first (nobody waits for it any more) and
+the process gets a bounded time to exit before it is killed.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from runtime.engine.async_engine import EngineFront, ModelFacts
 from runtime.engine.config import EngineConfig
 from runtime.engine.core import Abort, EngineCore, Shutdown
 from runtime.engine.request import EngineRequest
+from runtime.threads import available_cores, engine_threads
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 1800.0
 POLL_S = 0.5
+SHUTDOWN_TIMEOUT_S = 15.0
 
 
 class EngineStartError(ValueError):
@@ -42,6 +48,10 @@ def _engine_main(config: EngineConfig, inbox, out: Connection, setup_logging: Ca
     logging.getLogger().setLevel(log_level)
     if setup_logging is not None:
         setup_logging()
+    threads = engine_threads(config.tensor_parallel_size)
+    torch.set_num_threads(threads)
+    log.info("engine process: %d torch thread(s) of %d available core(s) (OMP_NUM_THREADS overrides)", threads,
+             available_cores())
     if config.cuda_memory_fraction < 1.0 and torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(config.cuda_memory_fraction)
     lock = threading.Lock()
@@ -156,10 +166,17 @@ class ProcessEngine(EngineFront):
     def failure(self) -> str | None:
         return self._failure
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Abort what is still open (the servers have stopped: nobody waits for it), stop the core, and kill the
+        process when it has not exited within `timeout` (a long step, a wedged rank)."""
+        with self._lock:
+            open_ids = list(self._streams)
+        for request_id in open_ids:
+            self._inbox.put(Abort(request_id))
         self._inbox.put(Shutdown())
-        self._proc.join(timeout=60)
+        self._proc.join(timeout=timeout)
         if self._proc.is_alive():
+            log.warning("the engine process did not stop within %.0f s: killing it", timeout)
             self._proc.kill()
             self._proc.join()
         self._receiver.join(timeout=10)

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from runtime.echo import echo
+
 ID_PATTERN = re.compile(r"[/\w\-]+")
+NAME_MAX, PATH_MAX = 255, 4096  # Linux limits: longer ids could never name a file (ENAMETOOLONG)
 
 
 class PrefixError(Exception):
@@ -75,7 +78,7 @@ class PrefixStore:
         prefix = self._load(prefix_id)
         size = _nbytes(prefix.decoder) + _nbytes(prefix.encoder)
         if size > self.cache_bytes:
-            raise PrefixError(f"Prefix ID object {prefix_id} exceeds the allowed cache size")
+            raise PrefixError(f"Prefix ID object {echo(prefix_id)} exceeds the allowed cache size")
         with self._lock:
             if prefix_id not in self._cache:
                 while self._used + size > self.cache_bytes:
@@ -86,12 +89,17 @@ class PrefixStore:
         return prefix, True
 
     def folder(self, prefix_id: str) -> Path:
-        """The id's directory in the store; PrefixError for ids that are malformed or leave the store."""
+        """The id's directory in the store; PrefixError for ids that are malformed, too long to name a file, or
+        leave the store."""
         if not ID_PATTERN.fullmatch(prefix_id):
-            raise PrefixError(f"Invalid prefix id {prefix_id}, must contain only alphanumeric, _ and - and /")
-        folder = (self.root / prefix_id).resolve()
+            raise PrefixError(f"Invalid prefix id {echo(prefix_id)}, must contain only alphanumeric, _ and - and /")
+        path = self.root / prefix_id
+        if any(len(part.encode()) > NAME_MAX for part in prefix_id.split("/")) or len(bytes(path)) >= PATH_MAX:
+            raise PrefixError(f"Invalid prefix id {echo(prefix_id)}, too long (at most {NAME_MAX} bytes between "
+                              "slashes)")
+        folder = path.resolve()
         if not folder.is_relative_to(self.root):
-            raise PrefixError(f"Invalid prefix id {prefix_id}")
+            raise PrefixError(f"Invalid prefix id {echo(prefix_id)}")
         return folder
 
     def _load(self, prefix_id: str) -> PromptPrefix:
@@ -101,7 +109,7 @@ class PrefixStore:
         else:
             decoder, encoder = (self._load_pt(folder / f"{part}.pt") for part in ("decoder", "encoder"))
             if decoder is None and (encoder is None or not self.encoder_decoder):
-                raise PrefixNotFound(f"Prefix id {prefix_id} not found")
+                raise PrefixNotFound(f"Prefix id {echo(prefix_id)} not found")
         return PromptPrefix(self._check(decoder), self._check(encoder), self.placeholder_id, self.encoder_decoder,
                             prefix_id)
 
@@ -115,7 +123,7 @@ class PrefixStore:
         elif (folder / "adapter_model.bin").is_file():
             weights = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
         else:
-            raise PrefixNotFound(f"Prefix id {prefix_id} not found")
+            raise PrefixNotFound(f"Prefix id {echo(prefix_id)} not found")
         return weights["prompt_embeddings"]
 
     @staticmethod

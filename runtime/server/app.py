@@ -1,5 +1,7 @@
-"""`tgis serve` wiring: resolve the model and limits, load the engine, start gRPC (with health and reflection) and
-HTTP, then drain on SIGTERM/SIGINT and exit 0. A fatal start-up error goes to the termination log and exits 1.
+"""`tgis serve` wiring: check every option that can be checked without the model (values, TLS files, free ports,
+device, tensor-parallel split), resolve the model and limits, load the engine, start gRPC (with health and
+reflection) and HTTP, then drain on SIGTERM/SIGINT and exit 0. A fatal start-up error goes to the termination log
+and exits 1.
 """
 
 from __future__ import annotations
@@ -13,28 +15,29 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import generation_pb2 as pb
-from proto import generation_pb2_grpc as pb_grpc
-from runtime.config import ConfigError, ServerConfig
+from runtime.config import ConfigError, ServerConfig, check_engine_options
 from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.engine.config import EngineConfig
 from runtime.hub import resolve_model_or_default
-from runtime.models.prefixes import PrefixStore
-from runtime.server.frontend import FrontEnd
-from runtime.server.grpc_service import GenerationServicer
 from runtime.server.http import HttpServer, health_metrics_app
 from runtime.server.metrics import Metrics
-from runtime.server.openai_api.service import OpenAIApi
+from runtime.server.ports import check_bindable
 from runtime.server.tls import http_ssl_context, server_credentials
+from runtime.server.wire import SERVICE, add_generation_service
+from runtime.threads import tokenization_workers
+
+if TYPE_CHECKING:
+    from runtime.models.prefixes import PrefixStore
 
 log = logging.getLogger("tgis.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+SERVICE_NAME = SERVICE.full_name
 # grpc.health.v1 names answered SERVING once the model is loaded (Kubernetes' native gRPC probes ask for them)
 HEALTH_SERVICES = ("", SERVICE_NAME)
 _LOG_EXTRAS = ("correlation_id", "request_id", "input_toks")
@@ -116,6 +119,8 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
 
 def prefix_store(config: ServerConfig, engine) -> PrefixStore | None:
     """The prompt-prefix store when PREFIX_STORE_PATH is set (spec §5.4); limits are checked here, at start."""
+    from runtime.models.prefixes import PrefixStore
+
     if not config.prefix_store_path:
         return None
     s = engine.max_sequence_length
@@ -140,7 +145,10 @@ def run(config: ServerConfig) -> int:
         return asyncio.run(_serve(config))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
-        log.error("fatal: %s", message, exc_info=not isinstance(exc, ValueError))
+        expected = isinstance(exc, ValueError)  # a bad option or file: the message says it all
+        debug = log.isEnabledFor(logging.DEBUG)
+        hint = "" if expected or debug else " (rerun with `tgis --log-level debug serve ...` for the traceback)"
+        log.error("fatal: %s%s", message, hint, exc_info=debug and not expected)
         write_termination_log(config.termination_log_path, message)
         return 1
 
@@ -153,7 +161,10 @@ async def _serve(config: ServerConfig) -> int:
     config.validate()
     credentials = server_credentials(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
     http_ssl = http_ssl_context(config.tls_cert_path, config.tls_key_path, config.tls_client_ca_cert_path)
+    check_bindable(config.host, config.grpc_port, "gRPC", "--grpc-port / GRPC_PORT")
+    check_bindable(config.host, config.port, "HTTP", "--port / PORT")
     model_dir = resolve_model_or_default(config.model_name, config.revision)
+    check_engine_options(model_dir, config.effective_dtype, config.device, config.world_size)
     max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
 
     from runtime.engine.process import ProcessEngine
@@ -170,21 +181,32 @@ async def _serve(config: ServerConfig) -> int:
 
 async def _run_servers(config: ServerConfig, engine, credentials, http_ssl, max_new_tokens: int,
                        stop: asyncio.Event) -> int:
+    # torch and the engine's types: imported once the options are known good
+    from runtime.server.frontend import FrontEnd
+    from runtime.server.grpc_service import GenerationServicer
+    from runtime.server.openai_api.service import OpenAIApi
+
     metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
     engine.add_step_listener(metrics.on_step)
     front = FrontEnd(engine, metrics, max_new_tokens, config.max_concurrent_requests)  # shared by gRPC and HTTP
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(
-        front, config.default_include_stop_seqs, prefix_store(config, engine)), server)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", config.max_request_bytes)])
+    servicer = GenerationServicer(front, config.default_include_stop_seqs, prefix_store(config, engine),
+                                  config.max_top_n_tokens,
+                                  config.tokenization_workers or tokenization_workers(config.world_size))
+    add_generation_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.grpc_port}"
-    if credentials is None:
-        server.add_insecure_port(address)
-    else:
-        server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # taken since the check at start
+        raise ConfigError(f"cannot listen on {address} for gRPC ({exc}): choose another --grpc-port") from exc
     await server.start()
     for name in HEALTH_SERVICES:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -201,6 +223,7 @@ async def _run_servers(config: ServerConfig, engine, credentials, http_ssl, max_
     log.info("Shutting down: finishing in-flight requests (grace period %.0f s)", config.shutdown_grace_period)
     await health_servicer.enter_graceful_shutdown()
     await asyncio.gather(http.stop(), server.stop(config.shutdown_grace_period))
+    await servicer.close()
     log.info("Shutdown complete")
     return code
 

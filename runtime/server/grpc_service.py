@@ -3,9 +3,13 @@
 Per RPC: count it, take permits (one per input, `Model is overloaded` when none are left), convert and validate
 parameters, tokenize and length-check every input, draw seeds, then run each input as an independent engine request
 and assemble TGIS responses (input-text echo, seed echo, token strings, the stream message sequence of spec §1.10).
-A client that goes away cancels the handler task, which closes the engine stream and so aborts the request at once.
-What is not about the gRPC wire (permits, inputs, ids, seeds, outcome metrics and logs) is `FrontEnd`'s, shared with
-the OpenAI HTTP API.
+A client that goes away cancels the handler task, which closes the engine stream and so aborts the request at once;
+it is counted as cancelled wherever it lands (validation, queue, generation). What is not about the gRPC wire
+(permits, inputs, ids, seeds, outcome metrics and logs) is `FrontEnd`'s, shared with the OpenAI HTTP API.
+
+Tokenization (Generate/GenerateStream validation and Tokenize) runs on a bounded thread pool, as TGIS' router's
+tokenization workers: a multi-megabyte text then delays only the RPCs queued behind it on the pool, never the event
+loop (ModelInfo, streams, health). Requests arrive as parsed messages; see `runtime/server/wire.py` for the bytes.
 """
 
 from __future__ import annotations
@@ -13,17 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
+from runtime.echo import echo
 from runtime.engine.lora import LoraRef, find_lora
-from runtime.engine.request import RequestOutput, StopReason, TokenDetail
+from runtime.engine.request import GenerationParams, RequestOutput, StopReason, TokenDetail
 from runtime.models.prefixes import PrefixError, PrefixNotFound, PrefixStore, PromptPrefix
 from runtime.server.frontend import Checked, FrontEnd, Input, Overloaded
 from runtime.server.guided import check_compiles, proto_guided_spec
-from runtime.server.validation import ValidationError, check_length, convert_params, validate_params
+from runtime.server.validation import (
+    ValidationError,
+    check_length,
+    check_server_limits,
+    convert_params,
+    validate_params,
+)
 from runtime.tokenization import tokenize
 
 
@@ -32,7 +45,8 @@ class _GenerationFailed(Exception):
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, front: FrontEnd, default_include_stop_seqs: bool, prefix_store: PrefixStore | None = None):
+    def __init__(self, front: FrontEnd, default_include_stop_seqs: bool, prefix_store: PrefixStore | None = None,
+                 max_top_n_tokens: int | None = None, tokenization_workers: int = 1):
         self.front = front
         self.engine = front.engine
         self.prefix_store = prefix_store
@@ -41,6 +55,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_sequence_length: int = front.max_sequence_length
         self.max_new_tokens = front.max_new_tokens
         self.default_include_stop_seqs = default_include_stop_seqs
+        self.max_top_n_tokens = max_top_n_tokens
+        self._tokenizing = ThreadPoolExecutor(tokenization_workers, thread_name_prefix="tgis-tokenize")
+        self._handlers: set[asyncio.Task] = set()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Once the gRPC server has stopped: cancel the generation handlers still running (grpcio leaves them
+        awaiting the engine even after its grace period), which aborts their engine requests, and drop queued
+        tokenization work. Nobody waits for any of it any more."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        running = [task for task in self._handlers if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     # ---- RPCs --------------------------------------------------------------------------------------------------
     async def Generate(self, request: pb.BatchedGenerationRequest, context) -> pb.BatchedGenerationResponse:  # noqa: N802
@@ -51,16 +82,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if n == 0:
             return pb.BatchedGenerationResponse()
         self.metrics.inc("tgi_request_input_count", n)
-        async with self._permits(n, context):
+        async with self._permits(n, context), self._cancellation(n, context):
             inputs = await self._validated(request, [r.text for r in request.requests], context, start, stream=False)
             failure = None
             try:
                 async with asyncio.TaskGroup() as group:
                     tasks = [group.create_task(self._unary(inp, request.params, kind, i, n, start, context))
                              for i, inp in enumerate(inputs)]
-            except asyncio.CancelledError:
-                self.front.cancelled(n, _correlation_id(context))
-                raise
             except ExceptionGroup as group_error:  # siblings were cancelled by the TaskGroup
                 failed, rest = group_error.split(_GenerationFailed)
                 if rest is not None:
@@ -75,7 +103,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         start = time.monotonic()
         self.metrics.inc("tgi_request_count", kind="stream")
         self.metrics.inc("tgi_request_input_count")
-        async with self._permits(1, context):
+        finished = False  # a client leaving after the final message cancelled nothing
+        async with self._permits(1, context), self._cancellation(1, context, lambda: finished):
             if not request.HasField("request"):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "missing request")
             [inp] = await self._validated(request, [request.request.text], context, start, stream=True)
@@ -83,50 +112,49 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             yield pb.GenerationResponse(input_token_count=inp.input_length, seed=self._seed(inp),
                                         text=inp.text if request.params.response.input_text else "")
             text: list[str] = []
-            finished = False
-            try:
-                async with contextlib.aclosing(self.engine.generate(inp.request)) as outputs:
-                    async for out in outputs:
-                        if out.error is not None:
-                            await self._fail(out, "Streaming response", inp, context)
-                        if out.input_tokens is not None:
-                            infos = self._token_infos(out.input_tokens)
-                            yield pb.GenerationResponse(input_tokens=infos, input_token_count=len(infos))
-                        msg = pb.GenerationResponse(generated_token_count=out.generated_token_count, text=out.text)
-                        if params.generated_tokens:
-                            msg.tokens.extend(self._token_infos(out.tokens))
-                        text.append(out.text)
-                        if out.finished:
-                            msg.stop_reason, msg.stop_sequence = out.stop_reason, out.stop_sequence or ""
-                            msg.seed = self._seed(inp)
-                            finished = True
-                            self.front.completed(out, "stream", "Streaming response", inp, "".join(text), start,
-                                                 _correlation_id(context))
-                            yield msg
-                        elif msg.text or msg.tokens:
-                            yield msg
-            except (asyncio.CancelledError, GeneratorExit):
-                if not finished:  # a client leaving after the final message cancelled nothing
-                    self.front.cancelled(1, _correlation_id(context))
-                raise
+            async with contextlib.aclosing(self.engine.generate(inp.request)) as outputs:
+                async for out in outputs:
+                    if out.error is not None:
+                        await self._fail(out, "Streaming response", inp, context)
+                    if out.input_tokens is not None:
+                        infos = self._token_infos(out.input_tokens)
+                        yield pb.GenerationResponse(input_tokens=infos, input_token_count=len(infos))
+                    msg = pb.GenerationResponse(generated_token_count=out.generated_token_count, text=out.text)
+                    if params.generated_tokens:
+                        msg.tokens.extend(self._token_infos(out.tokens))
+                    text.append(out.text)
+                    if out.finished:
+                        msg.stop_reason, msg.stop_sequence = out.stop_reason, out.stop_sequence or ""
+                        msg.seed = self._seed(inp)
+                        finished = True
+                        self.front.completed(out, "stream", "Streaming response", inp, "".join(text), start,
+                                             _correlation_id(context))
+                        yield msg
+                    elif msg.text or msg.tokens:
+                        yield msg
 
     async def Tokenize(self, request: pb.BatchedTokenizeRequest, context) -> pb.BatchedTokenizeResponse:  # noqa: N802
         start = time.monotonic()
         self.metrics.inc("tgi_tokenize_request_count")
         self.metrics.inc("tgi_tokenize_request_input_count", len(request.requests))
         try:
-            results = [tokenize(self.tokenizer, r.text, request.truncate_input_tokens) for r in request.requests]
+            response = await self._off_loop(self._tokenize_all, request)
         except Exception as exc:  # the tokenizer's own error text, as TGIS
             await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
+        self.metrics.observe("tgi_tokenize_request_tokens", sum(r.token_count for r in response.responses))
+        self.metrics.observe("tgi_tokenize_request_duration", time.monotonic() - start)
+        return response
+
+    def _tokenize_all(self, request: pb.BatchedTokenizeRequest) -> pb.BatchedTokenizeResponse:
+        """On the tokenization pool: the response is built there too (a long text has millions of offsets)."""
         response = pb.BatchedTokenizeResponse()
-        for result in results:
+        for r in request.requests:
+            result = tokenize(self.tokenizer, r.text, request.truncate_input_tokens)
             item = response.responses.add(token_count=result.token_count)
             if request.return_tokens:
                 item.tokens.extend(result.tokens)
             if request.return_offsets:
                 item.offsets.extend(pb.TokenizeResponse.Offset(start=s, end=e) for s, e in result.offsets)
-        self.metrics.observe("tgi_tokenize_request_tokens", sum(r.token_count for r in results))
-        self.metrics.observe("tgi_tokenize_request_duration", time.monotonic() - start)
         return response
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:  # noqa: N802
@@ -145,9 +173,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             yield
 
+    @contextlib.asynccontextmanager
+    async def _cancellation(self, n: int, context, done: Callable[[], bool] = lambda: False):
+        """Count a cancellation (err="cancelled") wherever it lands: validation, queue or generation; the handler
+        is tracked meanwhile so that shutdown can cancel it."""
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            if not done():
+                self.front.cancelled(n, _correlation_id(context))
+            raise
+        finally:
+            self._handlers.discard(task)
+
     async def _validated(self, request, texts: list[str], context, start: float, stream: bool) -> list[Input]:
         """Conversion, the checks of spec §1.5 in order, per-input length checks and seeds; INVALID_ARGUMENT on
-        the first failure (in a batch, the first failing input decides)."""
+        the first failure (in a batch, the first failing input decides). Server limits TGIS lacks come last, so a
+        request TGIS would reject still gets TGIS' message."""
         has_params = request.HasField("params")
         try:
             gp = convert_params(request.params if has_params else None, self.default_include_stop_seqs,
@@ -159,17 +203,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             lora = self._lora(adapter_id)
             prefix = None if lora else await self._prefix(adapter_id)
             prefix_length = 0 if prefix is None else prefix.length
-            checked = []
-            for text in texts:
-                prepared = self.front.prepare(text, request.params.truncate_input_tokens)
-                checked.append(Checked(text, prepared, check_length(gp, prepared.input_length,
-                                                                    self.max_sequence_length, prefix_length)))
-            if gp.guided is not None:  # last: the only check that can take milliseconds
+            checked = await self._off_loop(self._tokenized, texts, request.params.truncate_input_tokens, gp,
+                                           prefix_length)
+            if gp.guided is not None:  # the only other check that can take milliseconds
                 await check_compiles(self.engine.grammars, gp.guided)
+            check_server_limits(gp, self.max_top_n_tokens)
         except ValidationError as exc:
             self.front.rejected()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return self.front.admit(checked, start, prefix, lora)
+
+    def _tokenized(self, texts: list[str], truncate: int, gp: GenerationParams, prefix_length: int) -> list[Checked]:
+        """On the tokenization pool: checks #13-#15 per input, in order."""
+        checked = []
+        for text in texts:
+            prepared = self.front.prepare(text, truncate)
+            checked.append(Checked(text, prepared, check_length(gp, prepared.input_length, self.max_sequence_length,
+                                                                prefix_length)))
+        return checked
 
     def _lora(self, adapter_id: str) -> LoraRef | None:
         """A PEFT LoRA adapter directory in the store (checked here, loaded by the engine); None for anything else,
@@ -178,7 +229,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             return None
         try:
             lora = find_lora(self.prefix_store.folder(adapter_id), adapter_id)
-        except PrefixError:
+        except (PrefixError, OSError):
             return None  # the prefix lookup reports it with TGIS' wording
         except ValueError as exc:
             raise ValidationError(str(exc)) from exc
@@ -197,13 +248,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             prefix, loaded = await asyncio.to_thread(self.prefix_store.get, prefix_id)
         except PrefixNotFound as exc:
             self.metrics.inc("tgi_prompt_load_failure")
-            raise ValidationError(f"can't retrieve prompt prefix with id '{prefix_id}': prefix id \"{prefix_id}\" "
+            shown = echo(prefix_id)
+            raise ValidationError(f"can't retrieve prompt prefix with id '{shown}': prefix id \"{shown}\" "
                                   "not found") from exc
         except Exception as exc:  # noqa: BLE001 - bad files, bad tensors: TGIS reports the shard's exception text
             self.metrics.inc("tgi_prompt_load_failure")
             kind = "Exception" if isinstance(exc, PrefixError) else type(exc).__name__
-            raise ValidationError(f"can't retrieve prompt prefix with id '{prefix_id}': Unexpected "
-                                  f"<class '{kind}'>: {exc}") from exc
+            detail = str(exc).replace(f"{self.prefix_store.root}/", "")  # the store's location is not the client's
+            raise ValidationError(f"can't retrieve prompt prefix with id '{echo(prefix_id)}': Unexpected "
+                                  f"<class '{kind}'>: {echo(detail, 500)}") from exc
         if loaded:
             self.metrics.observe("tgi_prompt_load_duration", time.monotonic() - start)
         return prefix

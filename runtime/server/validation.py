@@ -1,5 +1,6 @@
 """TGIS request semantics before anything is queued: proto → effective parameters (spec §1.4), the validation
-checks in TGIS order with TGIS messages (§1.5), length accounting and max_new_tokens clamping (§1.6), seeds (§1.7).
+checks in TGIS order with TGIS messages (§1.5), length accounting and max_new_tokens clamping (§1.6), seeds (§1.7),
+and the few limits this server adds to TGIS' (an empty input, a top_n_tokens cap; docs/ARCHITECTURE.md).
 
 Pure functions over protobuf messages and `GenerationParams`, so every message can be unit-tested without a server.
 """
@@ -18,6 +19,7 @@ MAX_STOP_SEQUENCE_BYTES = 240
 I32_MAX = 2**31 - 1
 STOP_SEQUENCES_MESSAGE = (f"can specify at most {MAX_STOP_SEQUENCES} non-empty stop sequences, each not more than "
                           f"{MAX_STOP_SEQUENCE_BYTES} UTF8 bytes")
+EMPTY_INPUT_MESSAGE = "input text produced no tokens (this model's tokenizer adds no BOS token): send a non-empty text"
 
 
 class ValidationError(ValueError):
@@ -99,8 +101,12 @@ def validate_params(gp: GenerationParams, server_max_new_tokens: int) -> None:
 def check_length(gp: GenerationParams, input_length: int, max_sequence_length: int,
                  prefix_length: int = 0) -> GenerationParams:
     """Checks #14/#15 for one input, then TGIS' silent clamp: an output that would not fit gets
-    max_new_tokens = S - (input + prefix), and reaching it reports TOKEN_LIMIT."""
+    max_new_tokens = S - (input + prefix), and reaching it reports TOKEN_LIMIT. Before them, an input with no
+    position at all (empty text, a tokenizer without BOS, no prefix) is refused: there is nothing to generate from
+    (TGIS' shard fails such a request with a tensor-shape error)."""
     used = input_length + prefix_length
+    if used == 0:
+        raise ValidationError(EMPTY_INPUT_MESSAGE)
     if used >= max_sequence_length:
         raise ValidationError(f"input tokens ({input_length}) plus prefix length ({prefix_length}) must be < "
                               f"{max_sequence_length}")
@@ -110,6 +116,13 @@ def check_length(gp: GenerationParams, input_length: int, max_sequence_length: i
     if used + gp.max_new_tokens > max_sequence_length:
         return dataclasses.replace(gp, max_new_tokens=max_sequence_length - used, max_is_token_limit=True)
     return gp
+
+
+def check_server_limits(gp: GenerationParams, max_top_n_tokens: int | None) -> None:
+    """Bounds TGIS does not have, checked after all of TGIS' checks: TGIS clamps top_n_tokens only to the vocabulary,
+    so one request could ask for every token's logprob at every position (tens of megabytes per response)."""
+    if max_top_n_tokens is not None and gp.top_n_tokens > max_top_n_tokens:
+        raise ValidationError(f"top_n_tokens ({gp.top_n_tokens}) must be <= {max_top_n_tokens}")
 
 
 def with_seed(gp: GenerationParams, rng: random.Random) -> GenerationParams:
