@@ -100,3 +100,22 @@ def test_shutdown_drops_work_nobody_waits_for(tiny_model):
     eng.shutdown()
     assert time.monotonic() - started < 10
     assert not eng.core.scheduler.running and not eng.core.scheduler.waiting
+
+
+def test_a_broken_adapter_fails_its_request_alone(engine, tmp_path):
+    """The front end checks that the files exist; weights that cannot be read fail at admission, not in a step."""
+    import json as _json
+
+    from runtime.engine.lora import LoraRef
+
+    folder = tmp_path / f"broken-{engine.core.runner.paged}"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj"]}))
+    (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    broken = request(engine, PROMPTS[0], max_new_tokens=6)
+    broken.lora = LoraRef("broken", str(folder))
+    good = request(engine, PROMPTS[1], max_new_tokens=6)
+    results = run(engine, [broken, good])
+    assert results[0].final.stop_reason == StopReason.ERROR and "can't load adapter 'broken'" in results[0].final.error
+    assert results[1].token_ids == hf_greedy(engine, good.input_ids, 6)

@@ -193,7 +193,9 @@ def _samples(text: str) -> dict[str, float]:
 
 def test_metrics_exposition():
     m = Metrics(max_sequence_length=200, max_new_tokens=169, max_batch_size=8)
-    assert _samples(m.render().decode()) == {}  # nothing appears before it is recorded
+    # no TGIS metric appears before it is recorded; our own prefix-cache counters start at 0 (a baseline for scrapers)
+    assert _samples(m.render().decode()) == {f"tgis_prefix_cache_{n}{t}": 0.0 for n in ("queries", "hits")
+                                             for t in ("", "_total")}
     m.inc("tgi_request_count", kind="single")
     m.inc("tgi_request_count", kind="single")
     m.inc("tgi_request_failure", 3, err="cancelled")
@@ -215,4 +217,5 @@ def test_metrics_exposition():
     assert layouts["duration"][-1] == pytest.approx(0.0001 * 1.5**35)
     assert layouts["tokenize"][0] == 64 and layouts["tokenize"][-1] == 2**19
     assert layouts["batch_size"] == [1, 2, 3, 4, 5, 6, 7, 8] and layouts["new_tokens"][-1] == 169
-    assert all(name.startswith("tgi_") for name in METRICS) and len(METRICS) == 37
+    tgis_own = {"tgis_prefix_cache_queries", "tgis_prefix_cache_hits"}  # ours, beside TGIS' 37
+    assert all(name.startswith("tgi_") for name in METRICS.keys() - tgis_own) and len(METRICS) == 37 + len(tgis_own)

@@ -216,6 +216,8 @@ class EngineCore:
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         if not request.input_ids and self.start_id is None:
             raise ValueError("the input has no tokens to generate from")
+        if request.lora is not None:
+            self.runner.check_adapter(request.lora)  # a broken adapter fails its request here, never a step
         p = request.params
         stream = DecodeStream(self.tok_info, p.stop_sequences, p.include_stop_sequence, p.stream)
         gen = make_generator(p.seed or 0, self.loaded.device) if p.sampling else None

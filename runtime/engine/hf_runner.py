@@ -231,6 +231,17 @@ class TransformersRunner:
         batch = Batch(cache, mask, positions, enc_hidden, enc_mask, loras if any(loras) else None)
         return batch, logits[:, -1, :], prompt
 
+    def check_adapter(self, ref: LoraRef) -> None:
+        """ValueError (the client's message) when the adapter cannot be applied to this model; loads it."""
+        if self.lora is None:
+            self.lora = LoraManager(self.model, self.device, self.loaded.dtype)
+        try:
+            self.lora._load(ref)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is the adapter's problem, said plainly
+            raise ValueError(f"can't load adapter '{ref.name}': {exc}") from exc
+
     def _activate(self, loras: list[LoraRef | None] | None) -> None:
         """Tell the LoRA hooks which rows of the coming forward use which adapter."""
         if any(loras or ()) and self.lora is None:

@@ -162,13 +162,19 @@ class NativeRunner:
             self.free_rows.append(self.states.pop(row.seq_id).row)
         state = _SeqState(self.free_rows.pop(), prefix=row.decoder_prefix)
         if row.lora is not None:
-            if self.lora is None:
-                self.lora = NativeLoraManager(self.model.projections(), self.config.max_loras, self.device,
-                                              self.dtype)
             in_use = {s.lora_slot for s in self.states.values()}
-            state.lora_slot = self.lora.slot_for(row.lora, in_use)
+            state.lora_slot = self._loras().slot_for(row.lora, in_use)
         self.states[row.seq_id] = state
         return state
+
+    def _loras(self) -> NativeLoraManager:
+        if self.lora is None:
+            self.lora = NativeLoraManager(self.model.projections(), self.config.max_loras, self.device, self.dtype)
+        return self.lora
+
+    def check_adapter(self, ref) -> None:
+        """ValueError (the client's message) when the adapter cannot be applied to this model."""
+        self._loras().check(ref)
 
     def _update_tables(self, rows: list[RowPlan], states: list[_SeqState]) -> None:
         """Write the plan's new block ids into the persistent table (one indexed copy)."""

@@ -28,6 +28,9 @@ class ModelRunner(Protocol):
     def kv_capacity(self, config: EngineConfig, max_sequence_length: int) -> int:
         """Blocks (paged) or slots (padded) the KV cache holds; allocates them."""
 
+    def check_adapter(self, ref) -> None:
+        """At admission: ValueError (the client's message) when the LoRA adapter cannot be applied."""
+
     def execute(self, plan: StepPlan) -> ModelOutput: ...
 
     def close(self) -> None: ...

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import signal
 import socket
 import threading
@@ -31,6 +30,7 @@ from runtime.engine.plan import ModelOutput, StepPlan
 from runtime.engine.runner import ModelRunner, local_runner
 from runtime.models.loader import resolve_device
 from runtime.parallel.rules import plan
+from runtime.threads import engine_threads
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def _start_rank(config: EngineConfig, engine: str, rank: int, world_size: int, p
     device = rank_device(config, rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    else:  # ranks share the cores (with the front end)
+        torch.set_num_threads(engine_threads(world_size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return local_runner(config, engine, shard=(rank, world_size))
@@ -141,9 +141,10 @@ class ShardedRunner:
     def kv_capacity(self, config: EngineConfig, max_sequence_length: int) -> int:
         return self._mirror("kv_capacity", config, max_sequence_length)
 
+    def check_adapter(self, ref) -> None:
+        raise ValueError("LoRA adapters are not supported with tensor parallelism yet")
+
     def execute(self, plan: StepPlan) -> ModelOutput:
-        if any(r.lora for r in plan.rows):  # the front end refuses these; never let one reach the ranks
-            raise ValueError("LoRA adapters are not supported with tensor parallelism yet")
         return self._mirror("execute", plan)
 
     def close(self) -> None:

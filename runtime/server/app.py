@@ -188,12 +188,12 @@ async def _run_servers(config: ServerConfig, engine, credentials, http_ssl, max_
 
     metrics = Metrics(engine.max_sequence_length, max_new_tokens, config.max_batch_size)
     engine.add_step_listener(metrics.on_step)
-    front = FrontEnd(engine, metrics, max_new_tokens, config.max_concurrent_requests)  # shared by gRPC and HTTP
+    front = FrontEnd(engine, metrics, max_new_tokens, config.max_concurrent_requests,  # shared by gRPC and HTTP
+                     config.tokenization_workers or tokenization_workers(config.world_size))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", config.max_request_bytes)])
     servicer = GenerationServicer(front, config.default_include_stop_seqs, prefix_store(config, engine),
-                                  config.max_top_n_tokens,
-                                  config.tokenization_workers or tokenization_workers(config.world_size))
+                                  config.max_top_n_tokens)
     add_generation_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

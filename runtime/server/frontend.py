@@ -8,12 +8,14 @@ input preparation and length checks of TGIS (spec §1.5–§1.7) and the per-req
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from runtime.engine.inputs import PreparedInput, prepare_input
@@ -57,7 +59,8 @@ def reason_name(reason: StopReason) -> str:
 
 
 class FrontEnd:
-    def __init__(self, engine, metrics: Metrics, max_new_tokens: int, max_concurrent_requests: int):
+    def __init__(self, engine, metrics: Metrics, max_new_tokens: int, max_concurrent_requests: int,
+                 tokenization_workers: int = 1):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
@@ -66,6 +69,17 @@ class FrontEnd:
         self._free_permits = max_concurrent_requests
         self._ids = itertools.count()
         self._rng = random.Random()
+        # tokenization (and what else scales with a request's text) runs here, as TGIS' router's tokenization
+        # workers: a multi-megabyte text delays only the work queued behind it, never the event loop
+        self._tokenizing = ThreadPoolExecutor(tokenization_workers, thread_name_prefix="tgis-tokenize")
+
+    async def off_loop(self, fn, *args):
+        """`fn(*args)` on the tokenization pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+
+    def close(self) -> None:
+        """Drop queued tokenization work at shutdown: nobody waits for it any more."""
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.contextmanager
     def permits(self, n: int):

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -46,7 +45,7 @@ class _GenerationFailed(Exception):
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, front: FrontEnd, default_include_stop_seqs: bool, prefix_store: PrefixStore | None = None,
-                 max_top_n_tokens: int | None = None, tokenization_workers: int = 1):
+                 max_top_n_tokens: int | None = None):
         self.front = front
         self.engine = front.engine
         self.prefix_store = prefix_store
@@ -56,22 +55,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_new_tokens = front.max_new_tokens
         self.default_include_stop_seqs = default_include_stop_seqs
         self.max_top_n_tokens = max_top_n_tokens
-        self._tokenizing = ThreadPoolExecutor(tokenization_workers, thread_name_prefix="tgis-tokenize")
         self._handlers: set[asyncio.Task] = set()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Once the gRPC server has stopped: cancel the generation handlers still running (grpcio leaves them
         awaiting the engine even after its grace period), which aborts their engine requests, and drop queued
         tokenization work. Nobody waits for any of it any more."""
-        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        self.front.close()
         running = [task for task in self._handlers if not task.done()]
         for task in running:
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=timeout)
-
-    async def _off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     # ---- RPCs --------------------------------------------------------------------------------------------------
     async def Generate(self, request: pb.BatchedGenerationRequest, context) -> pb.BatchedGenerationResponse:  # noqa: N802
@@ -138,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.metrics.inc("tgi_tokenize_request_count")
         self.metrics.inc("tgi_tokenize_request_input_count", len(request.requests))
         try:
-            response = await self._off_loop(self._tokenize_all, request)
+            response = await self.front.off_loop(self._tokenize_all, request)
         except Exception as exc:  # the tokenizer's own error text, as TGIS
             await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
         self.metrics.observe("tgi_tokenize_request_tokens", sum(r.token_count for r in response.responses))
@@ -203,7 +198,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             lora = self._lora(adapter_id)
             prefix = None if lora else await self._prefix(adapter_id)
             prefix_length = 0 if prefix is None else prefix.length
-            checked = await self._off_loop(self._tokenized, texts, request.params.truncate_input_tokens, gp,
+            checked = await self.front.off_loop(self._tokenized, texts, request.params.truncate_input_tokens, gp,
                                            prefix_length)
             if gp.guided is not None:  # the only other check that can take milliseconds
                 await check_compiles(self.engine.grammars, gp.guided)

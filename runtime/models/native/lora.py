@@ -84,9 +84,27 @@ class NativeLoraManager:
         self.slots = LoraSlots(num_slots)
         self.device, self.dtype = device, dtype
         self.loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recently used first
+        self.parsed: OrderedDict[str, tuple[float, dict]] = OrderedDict()  # checked weights, on the CPU
         for layer in projections:
             for projection in layer.values():
                 projection.slots = self.slots
+
+    def check(self, ref: LoraRef) -> None:
+        """Read and check `ref`'s weights now (admission), so that a broken adapter fails its own request only."""
+        self._parsed(ref)
+
+    def _parsed(self, ref: LoraRef) -> tuple[float, dict]:
+        if ref.name not in self.parsed:
+            try:
+                self.parsed[ref.name] = self._parse(ref)
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an unreadable file is the adapter's problem, said plainly
+                raise ValueError(f"can't load adapter '{ref.name}': {exc}") from exc
+            while len(self.parsed) > 2 * self.slots.num_slots:
+                self.parsed.popitem(last=False)
+        self.parsed.move_to_end(ref.name)
+        return self.parsed[ref.name]
 
     def slot_for(self, ref: LoraRef, in_use: set[int]) -> int:
         """The slot holding `ref`, loading it (over the least recently used slot not `in_use`) if needed."""
@@ -106,6 +124,20 @@ class NativeLoraManager:
         return slot
 
     def _load(self, ref: LoraRef, slot: int) -> None:
+        scale, updates = self._parsed(ref)
+        for layer, names in enumerate(self.projections):
+            for name, projection in names.items():
+                if projection.lora is None:
+                    if not any(k[:2] == (layer, name) for k in updates):
+                        continue
+                    projection.lora = StackedLora(projection.weight.shape[1], projection.lora_parts,
+                                                  self.slots.num_slots, self.device, self.dtype)
+                for part in range(len(projection.lora_parts)):
+                    a, b = updates.get((layer, name, part), (None, None))
+                    projection.lora.set(slot, part, a, b, scale)
+
+    def _parse(self, ref: LoraRef) -> tuple[float, dict]:
+        """(scale, {(layer, projection, part): (A, B)}) of a PEFT adapter, its shapes checked against the model."""
         from safetensors.torch import load_file
 
         folder = Path(ref.path)
@@ -122,21 +154,14 @@ class NativeLoraManager:
             target = TARGETS.get(parts[-1])
             if target is None or len(parts) < 4 or parts[-4] != "layers" or not parts[-3].isdigit():
                 raise ValueError(f"LoRA adapter {ref.name}: {module} is not a projection the native model has")
-            b = raw[key.replace(".lora_A.", ".lora_B.")]
+            b = raw.get(key.replace(".lora_A.", ".lora_B."))
             layer = int(parts[-3])
+            if b is None or layer >= len(self.projections):
+                raise ValueError(f"LoRA adapter {ref.name}: {module} has no lora_B or no such layer in the model")
             projection = self.projections[layer][target[0]]
             size = projection.lora_parts[target[1]]
             if a.shape[1] != projection.weight.shape[1] or b.shape[0] != size:
                 raise ValueError(f"LoRA adapter {ref.name}: {module} shapes {tuple(a.shape)}, {tuple(b.shape)} do "
                                  f"not fit ({projection.weight.shape[1]} -> {size})")
             updates[(layer, target[0], target[1])] = (a, b)
-        for layer, names in enumerate(self.projections):
-            for name, projection in names.items():
-                if projection.lora is None:
-                    if not any(k[:2] == (layer, name) for k in updates):
-                        continue
-                    projection.lora = StackedLora(projection.weight.shape[1], projection.lora_parts,
-                                                  self.slots.num_slots, self.device, self.dtype)
-                for part in range(len(projection.lora_parts)):
-                    a, b = updates.get((layer, name, part), (None, None))
-                    projection.lora.set(slot, part, a, b, scale)
+        return scale, updates

@@ -160,8 +160,9 @@ class OpenAIApi:
                                        self.front.max_new_tokens, bool(body.stream))
                 await self._compiled(gp)
                 self._with_logprobs(gp, body.logprobs)
-                choices = self._choices([(self._prompt_text(p), self.front.prepare(p)) for p in prompts], gp, body,
-                                        n, start)
+                prepared = [await self.front.off_loop(self.front.prepare, p) for p in prompts]
+                choices = self._choices([(self._prompt_text(p), q) for p, q in zip(prompts, prepared, strict=True)],
+                                        gp, body, n, start)
             if body.echo:
                 for c in choices:
                     c.echo = c.inp.text
@@ -184,9 +185,9 @@ class OpenAIApi:
                                        self.front.max_new_tokens, self.front.max_new_tokens, bool(body.stream))
                 await self._compiled(gp)
                 self._with_logprobs(gp, top_logprobs)
-                text = self._render_chat(body.messages)
-                choices = self._choices([(text, self.front.prepare(text, add_special_tokens=False))], gp, body, n,
-                                        start)
+                text = await self.front.off_loop(self._render_chat, body.messages)
+                prepared = await self.front.off_loop(self.front.prepare, text, 0, False)
+                choices = self._choices([(text, prepared)], gp, body, n, start)
             shape = ChatShape(self.tokenizer, self.model_name, top_logprobs)
             return await self._respond(request, body, shape, choices, held, start)
 
