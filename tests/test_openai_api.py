@@ -239,7 +239,8 @@ def test_client_disconnect_mid_stream_aborts_the_request(client, model, server):
     next(chunks), next(chunks)
     stream.close()
     # a unary request whose client gives up is aborted too
-    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=1.0)
+    # it gives up after 0.1 s: 400 forced tokens take longer than that on any CPU (a step costs ~1 ms or more)
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=0.1)
     conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "Once upon a time", "max_tokens": MAX_NEW,
                                                              "min_tokens": MAX_NEW, **GREEDY}))
     with pytest.raises(TimeoutError):
