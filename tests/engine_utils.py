@@ -9,9 +9,27 @@ from dataclasses import dataclass
 import torch
 
 from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.config import EngineConfig
 from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput
 
 _ids = itertools.count()
+
+
+def engine_cache(tiny_model, **defaults):
+    """A module fixture's body: `get(name, **cfg)` builds (once per configuration) an engine on the tiny model
+    `name`; every engine is shut down when the fixture ends."""
+    cache: dict[str, AsyncEngine] = {}
+
+    def get(name: str, **cfg) -> AsyncEngine:
+        cfg = {**defaults, **cfg}
+        key = f"{name}{sorted(cfg.items())}"
+        if key not in cache:
+            cache[key] = AsyncEngine(EngineConfig(model_path=str(tiny_model(name)), **cfg))
+        return cache[key]
+
+    yield get
+    for engine in cache.values():
+        engine.shutdown()
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from engine_utils import hf_greedy, request, run
+from engine_utils import engine_cache, hf_greedy, request, run
 
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
@@ -28,17 +28,7 @@ MAX_NEW = [12, 5, 16, 9, 20, 7, 14, 3, 11, 18]
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    cache: dict[str, AsyncEngine] = {}
-
-    def get(name: str, **cfg) -> AsyncEngine:
-        key = f"{name}{sorted(cfg.items())}"
-        if key not in cache:
-            cache[key] = AsyncEngine(EngineConfig(model_path=str(tiny_model(name)), **cfg))
-        return cache[key]
-
-    yield get
-    for engine in cache.values():
-        engine.shutdown()
+    yield from engine_cache(tiny_model)
 
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "gpt_bigcode", "t5"]

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from engine_utils import hf_greedy, reference_model, request, run
+from engine_utils import engine_cache, hf_greedy, reference_model, request, run
 from lora_utils import write_lora
 from models import NATIVE
 from test_engine import MAX_NEW, PROMPTS
@@ -25,18 +25,7 @@ from runtime.models.prefixes import PromptPrefix
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    cache: dict[str, AsyncEngine] = {}
-
-    def get(name: str, **cfg) -> AsyncEngine:
-        cfg = {"engine": "native", "debug_checks": True, **cfg}
-        key = f"{name}{sorted(cfg.items())}"
-        if key not in cache:
-            cache[key] = AsyncEngine(EngineConfig(model_path=str(tiny_model(name)), **cfg))
-        return cache[key]
-
-    yield get
-    for engine in cache.values():
-        engine.shutdown()
+    yield from engine_cache(tiny_model, engine="native", debug_checks=True)
 
 
 def record_steps(engine: AsyncEngine) -> list:

@@ -24,6 +24,24 @@ MAX_SPLITS = 16
 
 
 @triton.jit
+def _attend_tile(q, k_ptr, v_ptr, table_ptr, pos, loadable, visible, g, dims, m, denom, acc, scale, stride_cb,
+                 stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of keys (positions `pos` of one sequence, gathered through its block table) folded into the running
+    softmax (max `m`, denominator, weighted values); `visible` masks scores, rows that see nothing stay empty."""
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=loadable, other=0)
+    rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
+    k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0)
+    scores = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, denom * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr, scale, window,
                     stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
                     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -46,18 +64,8 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, par
     for tile in range(start, end, TILE):
         pos = tile + tl.arange(0, TILE)
         ok = pos < end
-        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=ok, other=0)
-        rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
-        k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        scores = tl.where(ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        denom = denom * alpha + tl.sum(p, 1)
-        m = m_new
+        m, denom, acc = _attend_tile(q, k_ptr, v_ptr, tables_ptr + b * stride_tb, pos, ok, ok[None, :], g, dims, m,
+                                     denom, acc, scale, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
@@ -107,21 +115,10 @@ def _prefill(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, starts_ptr, sca
     for tile in range(first, last, TILE_N):
         pos = tile + tl.arange(0, TILE_N)
         k_ok = pos < last
-        block = tl.load(tables_ptr + row * stride_tb + pos // BLOCK_SIZE, mask=k_ok, other=0)
-        rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
-        k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         seen = k_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         seen = seen & ((window <= 0) | (pos[None, :] > q_pos[:, None] - window))
-        scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        denom = denom * alpha + tl.sum(p, 1)
-        m = m_new
+        m, denom, acc = _attend_tile(q, k_ptr, v_ptr, tables_ptr + row * stride_tb, pos, k_ok, seen, g, dims, m,
+                                     denom, acc, scale, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(out_ptr + (q_start + qi)[:, None] * stride_qt + h * stride_qh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None])
