@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.engine.config import ENGINES
+from runtime.engine.config import ENGINES, TP_METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "float", "half")
-FRAMEWORKS = {"tgis_native": "native", "hf_custom_tp": "native", "hf_transformers": "transformers"}
+# TGIS DEPLOYMENT_FRAMEWORK -> engine; ds_inference also makes DeepSpeed AutoTP split the model over the ranks
+FRAMEWORKS = {"tgis_native": "native", "hf_custom_tp": "native", "hf_transformers": "transformers",
+              "ds_inference": "transformers"}
 # `serve --help` panels, in the order they are shown
 MODEL, ENGINE, LIMITS, ADAPTERS, OUTPUT, NETWORK, PROCESS = (
     "Model", "Engine", "Limits and batching", "Prompt prefixes and adapters", "Output", "Network and TLS", "Process")
@@ -123,12 +125,19 @@ class ServerConfig:
                                 explicit_bool=True)
     engine: str = _opt("auto", "--engine", panel=ENGINE,
                        help="auto (native where it serves the architecture, else transformers), native, transformers. "
-                            "DEPLOYMENT_FRAMEWORK=tgis_native|hf_custom_tp|hf_transformers (TGIS) selects one too.",
+                            "DEPLOYMENT_FRAMEWORK=tgis_native|hf_custom_tp|hf_transformers|ds_inference (TGIS) "
+                            "selects one too.",
                        check=(lambda v: v in ENGINES, "engine must be one of " + ", ".join(ENGINES) + ", not {value}"))
     deployment_framework: str | None = _opt(
         None, "--deployment-framework", env="DEPLOYMENT_FRAMEWORK", panel=ENGINE,
         help="TGIS engine name (see --engine).",
         check=(lambda v: v in FRAMEWORKS, "deployment_framework must be one of " + ", ".join(FRAMEWORKS) +
+               ", not {value}"))
+    tensor_parallel_method: str = _opt(
+        "auto", "--tensor-parallel-method", env="TENSOR_PARALLEL_METHOD", panel=ENGINE,
+        help="How --num-gpus ranks split the model: auto (our own split rules where they exist, else DeepSpeed "
+             "AutoTP), rules, deepspeed (transformers engine; DEPLOYMENT_FRAMEWORK=ds_inference selects it too).",
+        check=(lambda v: v in TP_METHODS, "tensor_parallel_method must be one of " + ", ".join(TP_METHODS) +
                ", not {value}"))
     cuda_graphs: bool = _opt(True, "--cuda-graphs", env="CUDA_GRAPHS", panel=ENGINE,
                              help="Capture decode steps in CUDA graphs (native engine, true/false).",
@@ -209,6 +218,13 @@ class ServerConfig:
         return self.engine
 
     @property
+    def effective_tensor_parallel_method(self) -> str:
+        """An explicit --tensor-parallel-method wins; else DeepSpeed under DEPLOYMENT_FRAMEWORK=ds_inference."""
+        if self.tensor_parallel_method == "auto" and self.deployment_framework == "ds_inference":
+            return "deepspeed"
+        return self.tensor_parallel_method
+
+    @property
     def world_size(self) -> int:
         """Explicit --num-shard / NUM_GPUS only: one process serves one device, so visible-device lists (which
         TGIS counts, spec §4.2) must not make a plain start fail."""
@@ -238,7 +254,8 @@ def parse_bool(value: str | bool) -> bool:
     raise ValueError(f"{value!r} is not a boolean (true/false)")
 
 
-def check_engine_options(model_dir: Path, dtype: str | None, device: str | None, world_size: int) -> None:
+def check_engine_options(model_dir: Path, dtype: str | None, device: str | None, world_size: int,
+                         tensor_parallel_method: str = "auto") -> None:
     """What would otherwise fail only inside the model load, minutes later and as a traceback: the dtype, the
     device (CUDA present, enough GPUs) and whether the model splits into `world_size` tensor-parallel ranks."""
     if dtype is not None and dtype not in DTYPES:
@@ -259,11 +276,12 @@ def check_engine_options(model_dir: Path, dtype: str | None, device: str | None,
             raise ConfigError(f"device {device} requested but only {count} GPU(s) are visible")
         if world_size > count:
             raise ConfigError(f"{world_size} shards configured but only {count} GPUs detected")
-    _check_split(model_dir, world_size)
+    _check_split(model_dir, world_size, tensor_parallel_method)
 
 
-def _check_split(model_dir: Path, world_size: int) -> None:
-    from runtime.parallel.rules import ShardingError, plan
+def _check_split(model_dir: Path, world_size: int, method: str) -> None:
+    from runtime.parallel.deepspeed import split_method
+    from runtime.parallel.rules import ShardingError, UnsupportedModel
     from runtime.parallel.sharding import read_manifest
 
     manifest = read_manifest(model_dir)
@@ -274,7 +292,7 @@ def _check_split(model_dir: Path, world_size: int) -> None:
         return
     config = json.loads((Path(model_dir) / "config.json").read_text())
     try:
-        plan(config, world_size, config.get("vocab_size") or world_size)
+        split_method(config, method, world_size, presplit=manifest is not None)
     except (ShardingError, KeyError) as exc:
-        raise ConfigError(f"the model cannot be split into {world_size} tensor-parallel ranks: {exc}; choose "
-                          "another --num-gpus") from exc
+        advice = "" if isinstance(exc, UnsupportedModel) else "; choose another --num-gpus"  # it says what instead
+        raise ConfigError(f"the model cannot be split into {world_size} tensor-parallel ranks: {exc}{advice}") from exc

@@ -45,3 +45,22 @@ def smollm2_dir() -> Path:
     from runtime.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture
+def pair(tiny_model):
+    """Factory: `pair(name, **options)` → (one-process engine, two-rank engine) of that tiny model. A process drives
+    one sharded engine at a time (rank 0 owns the default process group), so each test shuts its pair down."""
+    from runtime.engine.async_engine import AsyncEngine
+    from runtime.engine.config import EngineConfig
+
+    made: list[AsyncEngine] = []
+
+    def get(name: str, **cfg) -> tuple[AsyncEngine, AsyncEngine]:
+        for tp in (1, 2):
+            made.append(AsyncEngine(EngineConfig(model_path=str(tiny_model(name)), tensor_parallel_size=tp, **cfg)))
+        return made[-2], made[-1]
+
+    yield get
+    for engine in made:
+        engine.shutdown()

@@ -116,17 +116,21 @@ def build_llama(out: Path) -> Path:
     return _save(LlamaForCausalLM(cfg), tok, out)
 
 
-def _llama_family(out: Path, model_type: str, **extra) -> Path:
-    """A tiny random model of a Llama-family type (with the Llama tokenizer); `extra` sets the family's quirks."""
+def _random(out: Path, model_type: str, tok, **cfg) -> Path:
+    """A tiny random model of `model_type` with tokenizer `tok` (its special ids go into the config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = llama_tokenizer()
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **{"tie_word_embeddings": False, **extra})
-    return _save(AutoModelForCausalLM.from_config(cfg), tok, out)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **cfg)
+    return _save(AutoModelForCausalLM.from_config(config), tok, out)
+
+
+def _llama_family(out: Path, model_type: str, **extra) -> Path:
+    """A tiny random model of a Llama-family type (with the Llama tokenizer); `extra` sets the family's quirks."""
+    return _random(out, model_type, llama_tokenizer(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   **{"tie_word_embeddings": False, **extra})
 
 
 def build_mistral(out: Path) -> Path:
@@ -195,6 +199,45 @@ def build_t5(out: Path) -> Path:
     return _save(T5ForConditionalGeneration(cfg), tok, out)
 
 
+# Architectures without our own split rules: tensor-parallel through DeepSpeed AutoTP (tests/test_deepspeed.py)
+def build_opt(out: Path) -> Path:
+    return _random(out, "opt", gpt2_tokenizer(), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=512)
+
+
+def build_gptj(out: Path) -> Path:
+    return _random(out, "gptj", gpt2_tokenizer(), n_embd=64, n_inner=128, n_layer=2, n_head=4, rotary_dim=8,
+                   n_positions=512, tie_word_embeddings=False)
+
+
+def build_falcon(out: Path) -> Path:
+    """The new decoder layout (Falcon-40B/180B): grouped KV heads, two layer norms in parallel attention."""
+    return _random(out, "falcon", gpt2_tokenizer(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_kv_heads=2, new_decoder_architecture=True, max_position_embeddings=512)
+
+
+def build_falcon_7b_layout(out: Path) -> Path:
+    """Falcon-7B's original layout (multi-query, one fused QKV): DeepSpeed AutoTP cannot split it."""
+    return _random(out, "falcon", gpt2_tokenizer(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   new_decoder_architecture=False, multi_query=True, max_position_embeddings=512)
+
+
+def build_phi(out: Path) -> Path:
+    """Phi-1/1.5/2: partial rotary embeddings, parallel attention and MLP, a biased LM head."""
+    return _random(out, "phi", gpt2_tokenizer(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=512)
+
+
+def build_starcoder2(out: Path) -> Path:
+    return _random(out, "starcoder2", gpt2_tokenizer(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=None,
+                   tie_word_embeddings=False)
+
+
+def build_bloom(out: Path) -> Path:
+    return _random(out, "bloom", gpt2_tokenizer(), hidden_size=64, n_layer=2, n_head=4)
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llama": build_llama,
     "gpt2": build_gpt2,
@@ -205,6 +248,13 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "qwen2": build_qwen2,
     "qwen3": build_qwen3,
     "granite": build_granite,
+    "opt": build_opt,
+    "gptj": build_gptj,
+    "falcon": build_falcon,
+    "falcon_7b_layout": build_falcon_7b_layout,
+    "phi": build_phi,
+    "starcoder2": build_starcoder2,
+    "bloom": build_bloom,
 }
 NATIVE = ["llama", "mistral", "qwen2", "qwen3", "granite"]  # the architectures the native engine serves
 DECODER_ONLY = ["llama", "gpt2", "gpt_neox", "gpt_bigcode"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINES = ("auto", "native", "transformers")
+TP_METHODS = ("auto", "rules", "deepspeed")  # how ranks split a model: our own rules, DeepSpeed AutoTP
 
 
 @dataclass
@@ -27,6 +28,9 @@ class EngineConfig:
     output_special_tokens: bool = False
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1  # ranks (processes) the model is split across
+    # auto: our own split rules (runtime.parallel.rules) where they exist, else DeepSpeed AutoTP; "deepspeed" forces
+    # AutoTP, and with it the transformers engine (TGIS' DEPLOYMENT_FRAMEWORK=ds_inference)
+    tensor_parallel_method: str = "auto"
     cuda_memory_fraction: float = 1.0  # per-process cap (TGIS CUDA_PROCESS_MEMORY_FRACTION), set where the model runs
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (native runner on CUDA)
     compile: bool | None = None  # torch.compile the native model (TGIS PT2_COMPILE); None: on CUDA only

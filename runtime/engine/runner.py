@@ -37,8 +37,14 @@ class ModelRunner(Protocol):
 
 
 def choose_engine(config: EngineConfig) -> str:
-    """"native" when asked for or when `auto` and the native models cover the architecture, else "transformers"."""
+    """"native" when asked for or when `auto` and the native models cover the architecture, else "transformers"
+    (always for DeepSpeed tensor parallelism, which splits transformers models)."""
     from runtime.models.native import native_architecture
+
+    if config.tensor_parallel_method == "deepspeed":
+        if config.engine == "native":
+            raise ValueError("DeepSpeed tensor parallelism runs on the transformers engine, not the native one")
+        return "transformers"
 
     model_config = json.loads((Path(config.model_path) / "config.json").read_text())
     reason = native_architecture(model_config)
@@ -80,4 +86,4 @@ def local_runner(config: EngineConfig, engine: str, shard: tuple[int, int] | Non
             raise ValueError("random (dummy) weights are not split over ranks by the transformers engine")
         return TransformersRunner(load_dummy_model(config.model_path, config.dtype, config.device))
     return TransformersRunner(load_model(config.model_path, config.dtype, config.device, config.trust_remote_code,
-                                         shard=shard))
+                                         shard=shard, split=config.tensor_parallel_method))

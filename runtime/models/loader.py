@@ -64,9 +64,11 @@ def _first(value) -> int | None:
 
 
 def load_model(model_path: str | Path, dtype: str | None = None, device: str | None = None,
-               trust_remote_code: bool = False, shard: tuple[int, int] | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, shard: tuple[int, int] | None = None,
+               split: str = "rules") -> LoadedModel:
     """Load model and tokenizer; `shard=(rank, world_size)` keeps only that tensor-parallel rank's slices (cut on
-    the CPU before moving to the device, so a GPU never holds the whole model)."""
+    the CPU before moving to the device, so a GPU never holds the whole model), split by our own rules or, with
+    `split="deepspeed"`, by DeepSpeed AutoTP."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -91,7 +93,11 @@ def load_model(model_path: str | Path, dtype: str | None = None, device: str | N
     else:
         model = cls.from_pretrained(model_path, dtype=dt, trust_remote_code=trust_remote_code).eval()
         vocab = model.get_output_embeddings().weight.shape[0]
-        if shard is not None:
+        if shard is not None and split == "deepspeed":
+            from runtime.parallel.deepspeed import autotp
+
+            model = autotp(model, dt, dev)
+        elif shard is not None:
             from runtime.parallel.layers import shard_model
 
             shard_model(model, *shard)

@@ -11,6 +11,7 @@ different collectives), so the server exits, as TGIS does when a shard dies.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -29,7 +30,9 @@ from runtime.engine.config import EngineConfig
 from runtime.engine.plan import ModelOutput, StepPlan
 from runtime.engine.runner import ModelRunner, local_runner
 from runtime.models.loader import resolve_device
-from runtime.parallel.rules import plan
+from runtime.parallel.deepspeed import split_method
+from runtime.parallel.rules import ShardingError
+from runtime.parallel.sharding import read_manifest
 from runtime.threads import engine_threads
 
 log = logging.getLogger(__name__)
@@ -160,7 +163,11 @@ def start_sharded(config: EngineConfig, engine: str) -> ShardedRunner:
     if dist.is_initialized():  # rank 0 uses the default process group: one sharded engine per process
         raise RuntimeError("a tensor-parallel engine is already running in this process")
     model_config = json.loads((Path(config.model_path) / "config.json").read_text())
-    plan(model_config, world_size, model_config.get("vocab_size") or world_size)  # fail before spawning
+    method = split_method(model_config, config.tensor_parallel_method, world_size)  # fail before spawning
+    if method == "deepspeed" and read_manifest(config.model_path) is not None:
+        raise ShardingError(f"{config.model_path} was split by `tgis shard` (our own rules): DeepSpeed tensor "
+                            "parallelism splits the original checkpoint")
+    config = dataclasses.replace(config, tensor_parallel_method=method)  # what every rank loads with
     rank_device(config, 0, world_size)
     port = _free_port()
     ctx = mp.get_context("spawn")

@@ -50,6 +50,10 @@ class ShardingError(ValueError):
     pass
 
 
+class UnsupportedModel(ShardingError):
+    """A model that no number of ranks would make splittable (its architecture, not its head counts)."""
+
+
 @dataclass(frozen=True)
 class Rule:
     split: str  # "column" / "vocab" (weight dim 0 of a Linear), "row" / "heads" (dim 1), "replicate"
@@ -85,8 +89,8 @@ def even_sizes(total: int, parts: int) -> list[int]:
 def family(config: dict) -> str:
     name = FAMILY.get(config.get("model_type"))
     if name is None:
-        raise ShardingError(f"tensor parallelism supports {', '.join(sorted(FAMILY))} models, not "
-                            f"{config.get('model_type')!r}")
+        raise UnsupportedModel(f"our own split rules cover {', '.join(sorted(FAMILY))} models, not "
+                               f"{config.get('model_type')!r}")
     return name
 
 

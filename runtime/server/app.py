@@ -114,7 +114,8 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
         cuda_graphs=config.cuda_graphs, compile=config.pt2_compile, load_format=config.load_format,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
         output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code,
-        tensor_parallel_size=config.world_size, cuda_memory_fraction=config.cuda_process_memory_fraction)
+        tensor_parallel_size=config.world_size, tensor_parallel_method=config.effective_tensor_parallel_method,
+        cuda_memory_fraction=config.cuda_process_memory_fraction)
 
 
 def prefix_store(config: ServerConfig, engine) -> PrefixStore | None:
@@ -164,7 +165,8 @@ async def _serve(config: ServerConfig) -> int:
     check_bindable(config.host, config.grpc_port, "gRPC", "--grpc-port / GRPC_PORT")
     check_bindable(config.host, config.port, "HTTP", "--port / PORT")
     model_dir = resolve_model_or_default(config.model_name, config.revision)
-    check_engine_options(model_dir, config.effective_dtype, config.device, config.world_size)
+    check_engine_options(model_dir, config.effective_dtype, config.device, config.world_size,
+                         config.effective_tensor_parallel_method)
     max_sequence_length, max_new_tokens = resolve_limits(config, model_dir)
 
     from runtime.engine.process import ProcessEngine
