@@ -23,8 +23,10 @@ RUN microdnf install -y python${PYTHON_VERSION} python${PYTHON_VERSION}-pip shad
     && mkdir -p /data && chown 2000:0 /data /home/tgis && chmod g=u /data /home/tgis
 COPY --from=build /wheels /wheels
 # torch is left unpinned by the package: the default index serves the CUDA build expected in this image
-# the guided extra (xgrammar) adds little here: its triton dependency comes with the CUDA torch anyway
-RUN python${PYTHON_VERSION} -m pip install --no-cache-dir "$(echo /wheels/*.whl)[guided]" && rm -rf /wheels
+# the guided extra (xgrammar) adds little here: its triton dependency comes with the CUDA torch anyway; deepspeed
+# (tensor parallelism for architectures without our own split rules) builds from its sdist, without compiled ops
+RUN DS_BUILD_OPS=0 python${PYTHON_VERSION} -m pip install --no-cache-dir "$(echo /wheels/*.whl)[guided,deepspeed]" \
+    && rm -rf /wheels
 ENV HOME=/home/tgis \
     HF_HUB_CACHE=/data \
     HF_HUB_OFFLINE=1 \

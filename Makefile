@@ -13,10 +13,13 @@ NAMESPACE  ?=
 DEPLOY_SH  := IMAGE='$(IMAGE)' COMPONENTS='$(COMPONENTS)' NAMESPACE='$(NAMESPACE)' deployment/deploy.sh
 # guided decoding's library, installed without its triton dependency (pyproject.toml: guided-cpu)
 XGRAMMAR ?= xgrammar==0.2.8
+# tensor parallelism for architectures without our own split rules. PyPI has only its sdist: built without build
+# isolation (else the isolated build env pulls another torch) and without compiled ops (DS_BUILD_OPS=0)
+DEEPSPEED ?= deepspeed==0.19.8
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install proto test lint serve bench bench-baseline build push manifests deploy undeploy clean
+.PHONY: install proto test lint serve bench bench-baseline gpu-wheels build push manifests deploy undeploy clean
 
 install: $(STAMP)
 
@@ -24,7 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,guided-cpu]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt --no-build-isolation '$(DEEPSPEED)'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,guided-cpu,deepspeed]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps '$(XGRAMMAR)'
 	touch $(STAMP)
 
@@ -60,6 +64,13 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 
 bench-baseline: $(STAMP) $(BENCH_MODEL)/config.json
 	HF_HUB_OFFLINE=1 $(PY) -m tgis_cli bench $(BENCH_ARGS) -o $(BENCH_BASELINE)
+
+# wheels the GPU machines' image lacks, for scripts/gpu_deepspeed.py: carried in .whl/ (docs/benchmarks.md). That
+# image runs Python 3.12 on x86-64 Linux; DeepSpeed's wheel is pure Python, built here from its sdist.
+gpu-wheels: $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w .whl '$(DEEPSPEED)'
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+	    hjson pydantic
 
 build:
 	docker build -t $(IMAGE) .

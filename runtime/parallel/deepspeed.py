@@ -61,7 +61,8 @@ def _instead(model_type: str | None) -> str:
 
 def split_method(config: dict, requested: str, world_size: int) -> str:
     """"rules" or "deepspeed": how `world_size` ranks split the model of `config` (a config.json) when `requested`
-    (runtime.engine.config.TP_METHODS); raises ShardingError, naming the architecture and what works instead, when neither can."""
+    (one of runtime.engine.config.TP_METHODS); raises ShardingError, naming the architecture and what works
+    instead, when neither can."""
     model_type = config.get("model_type")
     if requested == "rules" or (requested == "auto" and model_type in FAMILY):
         plan(config, world_size, config.get("vocab_size") or world_size)
