@@ -293,6 +293,8 @@ def _check_split(model_dir: Path, world_size: int, method: str) -> None:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     try:
         split_method(config, method, world_size, presplit=manifest is not None)
+    except UnsupportedModel as exc:  # the architecture, at any --num-gpus: the message says what instead
+        raise ConfigError(str(exc)) from exc
     except (ShardingError, KeyError) as exc:
-        advice = "" if isinstance(exc, UnsupportedModel) else "; choose another --num-gpus"  # it says what instead
-        raise ConfigError(f"the model cannot be split into {world_size} tensor-parallel ranks: {exc}{advice}") from exc
+        raise ConfigError(f"the model cannot be split into {world_size} tensor-parallel ranks: {exc}; choose "
+                          "another --num-gpus") from exc

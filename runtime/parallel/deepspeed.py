@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.parallel.rules import FAMILY, ShardingError, dims, plan
+from runtime.parallel.rules import FAMILY, ShardingError, UnsupportedModel, dims, plan
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +59,34 @@ def _instead(model_type: str | None) -> str:
     return "serve it unsplit (--num-gpus 1)"
 
 
-def split_method(config: dict, requested: str, world_size: int) -> str:
-    """"rules" or "deepspeed": how `world_size` ranks split the model of `config` (a config.json) when `requested`
-    (one of runtime.engine.config.TP_METHODS); raises ShardingError, naming the architecture and what works
-    instead, when neither can."""
+def split_method(config: dict, requested: str, world_size: int, presplit: bool = False) -> str:
+    """"rules" or "deepspeed": how `world_size` ranks split the model of `config` (a config.json; `presplit`: a
+    `tgis shard` directory) when `requested` (one of runtime.engine.config.TP_METHODS). Raises UnsupportedModel,
+    naming the architecture and what works instead, when no method can; ShardingError when the head counts do not
+    allow `world_size` ranks."""
     model_type = config.get("model_type")
     if requested == "rules" or (requested == "auto" and model_type in FAMILY):
         plan(config, world_size, config.get("vocab_size") or world_size)
         return "rules"
+    if presplit:
+        raise UnsupportedModel("this directory was split by `tgis shard` (our own rules): DeepSpeed tensor "
+                               "parallelism splits the original checkpoint")
     reason = _broken(config)
     if reason:
-        raise ShardingError(f"tensor parallelism cannot split {model_type!r} models: {reason}; "
-                            f"{_instead(model_type)}")
+        raise UnsupportedModel(f"tensor parallelism cannot split {model_type!r} models: {reason}; "
+                               f"{_instead(model_type)}")
     if model_type not in TESTED:
         ours = ", ".join(sorted(FAMILY)) + " (own split rules), " if requested == "auto" else ""
         theirs = [t for t in TESTED if requested != "auto" or t not in FAMILY]
-        raise ShardingError(f"tensor parallelism supports {ours}{', '.join(theirs)} (DeepSpeed AutoTP) models, not "
-                            f"{model_type!r}: {_instead(model_type)}")
+        raise UnsupportedModel(f"tensor parallelism supports {ours}{', '.join(theirs)} (DeepSpeed AutoTP) models, "
+                               f"not {model_type!r}: {_instead(model_type)}")
     d = dims(config)
     kv_key = "num_kv_heads" if config.get("num_kv_heads") else "num_key_value_heads"  # Falcon's name
     for key, value in (("num_attention_heads", d.heads), (kv_key, config.get("num_kv_heads") or d.kv_heads)):
         if value < world_size:
             raise ShardingError(f"{key} ({value}) is smaller than the number of shards ({world_size})")
     if importlib.util.find_spec("deepspeed") is None:
-        raise ShardingError(f"splitting {model_type!r} models needs DeepSpeed: pip install 'tgis[deepspeed]'")
+        raise UnsupportedModel(f"splitting {model_type!r} models needs DeepSpeed: pip install 'tgis[deepspeed]'")
     return "deepspeed"
 
 
