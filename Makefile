@@ -65,7 +65,7 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 bench-baseline: $(STAMP) $(BENCH_MODEL)/config.json
 	HF_HUB_OFFLINE=1 $(PY) -m tgis_cli bench $(BENCH_ARGS) -o $(BENCH_BASELINE)
 
-# wheels the GPU machines' image lacks, for scripts/gpu_deepspeed.py: carried in .whl/ (docs/benchmarks.md). That
+# DeepSpeed and what it needs that the GPU machines' image lacks, for scripts/gpu_tp.py: carried in .whl/. That
 # image runs Python 3.12 on x86-64 Linux; DeepSpeed's wheel is pure Python, built here from its sdist.
 gpu-wheels: $(STAMP)
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w .whl '$(DEEPSPEED)'

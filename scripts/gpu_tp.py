@@ -12,7 +12,10 @@ Phases (JSON report):
   gRPC the greedy tokens are identical, seeded sampling is identical, input-token logprobs agree within 1e-4.
 - decode: batch-1 decode of the Llama-3-8B shape (bf16, dummy weights) at TP=2 against TP=1 (target <= 0.62 x).
 - throughput: the 256-request offline workload of scripts/gpu_native.py at TP=2 against TP=1 (target >= 1.6 x).
-- deepspeed: a tiny Falcon (DeepSpeed AutoTP) served over 2 GPUs == 1 GPU, greedy, over gRPC.
+- deepspeed: a tiny Falcon (DeepSpeed AutoTP) served over 2 GPUs == 1 GPU over gRPC; then in-process, every
+  architecture runtime/parallel/deepspeed.py allows (tiny models of tests/models.py), float32 (tokens must be
+  identical) and bfloat16 (tokens before each sequence's first difference), and no DeepSpeed file left in /dev/shm.
+  The image lacks DeepSpeed: `make gpu-wheels` puts its wheel and the dependencies the image lacks into .whl/.
 - kill: SIGKILL of rank 1 mid-stream: the stream fails with TGIS' message, the server exits non-zero within 30 s,
   and no process is left on the GPUs.
 `--dry-run` runs the same on the CPU (gloo ranks, small shapes) to check the script before a device call.
@@ -133,14 +136,50 @@ def decode_and_throughput(work: Path, phases: list[str], requests: int) -> dict:
 
 
 def deepspeed_phase(work: Path) -> dict:
+    """The tiny Falcon served over gRPC; then in-process, per architecture DeepSpeed splits for us (Llama forced),
+    float32 and bfloat16, 8 prompts joining a running batch, 32 forced greedy tokens: 2 GPUs against 1."""
     import models as tiny
 
-    builder = getattr(tiny, "build_falcon", None)
-    if builder is None:
-        return {"skipped": "no DeepSpeed AutoTP model builder (tests/models.py build_falcon)"}
-    path = builder(work / "falcon")
-    one, two = served(path, work, 1), served(path, work, 2)
-    return compare(one, two)
+    from runtime.parallel.deepspeed import TESTED
+
+    shm = set(Path("/dev/shm").glob("deepspeed*"))
+    out: dict = {"served_falcon": compare(served(tiny.build("falcon", work), work, 1),
+                                          served(tiny.build("falcon", work), work, 2))}
+    log("deepspeed falcon served", json.dumps(out["served_falcon"]))
+    for name in TESTED:
+        method = "deepspeed" if name in tiny.NATIVE else "auto"
+        for dtype in ("float32", "bfloat16"):
+            (one, one_s), (two, two_s) = (_greedy(tiny.build(name, work), dtype, tp, method) for tp in (1, 2))
+            out[f"{name} {dtype}"] = {"method": method, "tokens": sum(map(len, one)),
+                                      "identical_sequences": sum(a == b for a, b in zip(one, two, strict=True)),
+                                      "matching_tokens": sum(map(_matching, one, two)),
+                                      "one_gpu_s": round(one_s, 3), "two_gpus_s": round(two_s, 3)}
+            log("deepspeed", name, dtype, json.dumps(out[f"{name} {dtype}"]))
+    out["shm_left"] = sorted(str(p) for p in set(Path("/dev/shm").glob("deepspeed*")) - shm)
+    return out
+
+
+def _greedy(path: Path, dtype: str, tp: int, method: str) -> tuple[list[list[int]], float]:
+    from engine_utils import request, run
+
+    from runtime.engine.async_engine import AsyncEngine
+    from runtime.engine.config import EngineConfig
+
+    engine = AsyncEngine(EngineConfig(model_path=str(path), device=native.DEVICE, dtype=dtype, max_batch_size=8,
+                                      tensor_parallel_size=tp, tensor_parallel_method=method))
+    try:
+        reqs = [request(engine, p, max_new_tokens=32, min_new_tokens=32) for p in native.PROMPTS]
+        start = time.perf_counter()
+        results = run(engine, reqs, join_after_steps=[0, 0, 1, 2, 3, 5, 8, 13])
+        return [r.token_ids for r in results], time.perf_counter() - start
+    finally:
+        engine.shutdown()
+        native.release()
+
+
+def _matching(a: list[int], b: list[int]) -> int:
+    """Tokens before the first difference (after it, the two sequences continue different texts)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 def kill_phase(work: Path) -> dict:
