@@ -105,3 +105,19 @@ def hf_greedy(engine: AsyncEngine, input_ids: list[int], max_new_tokens: int, **
         out = reference_model(engine).generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                                pad_token_id=lm.pad_token_id, eos_token_id=lm.eos_token_id, **kwargs)
     return out[0, (1 if lm.is_encoder_decoder else ids.shape[1]):].tolist()
+
+
+def transformers_greedy_texts(model_dir, prompts: list[str], max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
+    """What transformers' own float32 greedy `generate` writes after each prompt (special tokens dropped, as the
+    server does): the reference for servers' answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = []
+    for text in prompts:
+        ids = tok(text, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts

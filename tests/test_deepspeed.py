@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_utils import transformers_greedy_texts
 from server_harness import run_to_exit, running_server
 from test_tensor_parallel import assert_two_ranks_match_one
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from proto import generation_pb2 as pb
 from runtime.config import ConfigError, ServerConfig
@@ -125,13 +125,7 @@ def test_serve_two_ranks_falcon_greedy_like_transformers(tiny_model, tmp_path):
     """`tgis serve --num-gpus 2` on a Falcon (no rules of our own: DeepSpeed) answers gRPC as transformers does."""
     path = tiny_model("falcon")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path)
-    expected = []
-    for text in prompts:
-        ids = tok(text, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-        expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    expected = transformers_greedy_texts(path, prompts, 12, min_new_tokens=12)
     with running_server(path, tmp_path, "--num-gpus", "2", "--dtype", "float32") as server:
         with server.channel() as channel:
             resp = server.stub(channel).Generate(pb.BatchedGenerationRequest(

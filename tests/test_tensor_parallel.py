@@ -13,10 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from engine_utils import request, run
+from engine_utils import request, run, transformers_greedy_texts
 from server_harness import running_server
 from test_engine import MAX_NEW, PROMPTS
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from proto import generation_pb2 as pb
 from runtime.engine.async_engine import AsyncEngine
@@ -171,13 +170,7 @@ def test_serve_two_ranks_smollm2_then_a_dead_rank_stops_the_server(smollm2_dir, 
     """SmolLM2 has 9 query / 3 KV heads: ranks hold 6+3 / 2+1 heads. Greedy text equals transformers; killing
     rank 1 fails the running stream, and the server exits 1 with the reason in the termination log."""
     prompts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):"]
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    expected = []
-    for text in prompts:
-        ids = tok(text, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=20, do_sample=False)
-        expected.append(tok.decode(out[0, ids.shape[1]:]))
+    expected = transformers_greedy_texts(smollm2_dir, prompts, 20)
     with running_server(smollm2_dir, tmp_path, "--num-gpus", "2", "--dtype", "float32") as server:
         with server.channel() as channel:
             stub = server.stub(channel)
