@@ -31,7 +31,6 @@ from runtime.engine.plan import ModelOutput, StepPlan
 from runtime.engine.runner import ModelRunner, local_runner
 from runtime.models.loader import resolve_device
 from runtime.parallel.deepspeed import split_method
-from runtime.parallel.rules import ShardingError
 from runtime.parallel.sharding import read_manifest
 from runtime.threads import engine_threads
 
@@ -163,10 +162,8 @@ def start_sharded(config: EngineConfig, engine: str) -> ShardedRunner:
     if dist.is_initialized():  # rank 0 uses the default process group: one sharded engine per process
         raise RuntimeError("a tensor-parallel engine is already running in this process")
     model_config = json.loads((Path(config.model_path) / "config.json").read_text())
-    method = split_method(model_config, config.tensor_parallel_method, world_size)  # fail before spawning
-    if method == "deepspeed" and read_manifest(config.model_path) is not None:
-        raise ShardingError(f"{config.model_path} was split by `tgis shard` (our own rules): DeepSpeed tensor "
-                            "parallelism splits the original checkpoint")
+    method = split_method(model_config, config.tensor_parallel_method, world_size,  # fail before spawning
+                          presplit=read_manifest(config.model_path) is not None)
     config = dataclasses.replace(config, tensor_parallel_method=method)  # what every rank loads with
     rank_device(config, 0, world_size)
     port = _free_port()
