@@ -23,6 +23,7 @@ from runtime.engine.core import EngineCore, StepStats
 from runtime.engine.guided import GrammarCompiler
 from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput, StopReason
 from runtime.models.loader import LoadedModel
+from runtime.threads import engine_threads
 
 __all__ = ["AsyncEngine", "EngineFront", "ModelFacts", "StepStats"]
 
@@ -152,6 +153,10 @@ class AsyncEngine(EngineFront):
     """The core in a thread of this process; `self.core` (and its model) stays reachable."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        # the caller's event loop (a benchmark client, the terminal) runs beside the engine thread: as in the
+        # engine process, torch gets the cores the front end leaves (oversubscribed OpenMP threads spin against
+        # each other: a batch-16 decode matmul ran 7x slower with 2 threads than with 1 on a busy 2-core machine)
+        torch.set_num_threads(engine_threads(config.tensor_parallel_size))
         self.core = EngineCore(config, loaded)
         super().__init__(ModelFacts.of(self.core), self.core.loaded.tokenizer, self.core.grammars)
         self.core.emit = self._dispatch
