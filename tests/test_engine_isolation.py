@@ -119,3 +119,52 @@ def test_a_broken_adapter_fails_its_request_alone(engine, tmp_path):
     results = run(engine, [broken, good])
     assert results[0].final.stop_reason == StopReason.ERROR and "can't load adapter 'broken'" in results[0].final.error
     assert results[1].token_ids == hf_greedy(engine, good.input_ids, 6)
+
+
+def test_input_token_details_that_fail_fail_their_request_alone(engine, monkeypatch):
+    import runtime.engine.core as core
+
+    original = core.input_token_details
+
+    def fragile(logits, ids, params, start=0):
+        if params.top_n_tokens == 7:  # stands for any input whose scoring raises
+            raise RuntimeError("boom")
+        return original(logits, ids, params, start=start)
+
+    monkeypatch.setattr(core, "input_token_details", fragile)
+    bad = request(engine, PROMPTS[2], max_new_tokens=5, input_tokens=True, top_n_tokens=7)
+    good = [request(engine, t, max_new_tokens=5, input_tokens=True) for t in PROMPTS[3:5]]
+    results = run(engine, [bad, *good])
+    assert results[0].final.stop_reason == StopReason.ERROR and "scoring the input tokens" in results[0].final.error
+    for req, res in zip(good, results[1:], strict=True):
+        assert res.final.error is None and res.token_ids == hf_greedy(engine, req.input_ids, 5)
+        [details] = [o.input_tokens for o in res.outputs if o.input_tokens]
+        assert [t.token_id for t in details] == req.input_ids
+
+
+def test_a_failed_forward_gives_back_the_runner_rows_it_took(tiny_model, monkeypatch):
+    """The native runner takes a batch row for a new sequence before its forward; a forward that raises must not
+    keep it, or a long-running server runs out of rows."""
+    from runtime.engine.native_runner import NativeRunner
+
+    eng = AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), engine="native", max_batch_size=4))
+    try:
+        original, calls = NativeRunner._forward, []
+
+        def fails_once(self, plan, states):
+            calls.append(len(plan.rows))
+            if len(calls) == 1:
+                raise RuntimeError("device fault")
+            return original(self, plan, states)
+
+        monkeypatch.setattr(NativeRunner, "_forward", fails_once)
+        failed = run(eng, [request(eng, t, max_new_tokens=4) for t in PROMPTS[:4]])
+        assert all(r.final.stop_reason == StopReason.ERROR for r in failed)
+        later = [request(eng, t, max_new_tokens=4) for t in PROMPTS[:4]]  # need every row back
+        for req, res in zip(later, run(eng, later), strict=True):
+            assert res.final.error is None and res.token_ids == hf_greedy(eng, req.input_ids, 4)
+        runner = eng.core.runner  # at rest: every row is free or waits for the release the next plan carries
+        assert set(runner.states) == set(eng.core.released)
+        assert sorted(runner.free_rows + [s.row for s in runner.states.values()]) == [0, 1, 2, 3]
+    finally:
+        eng.shutdown()

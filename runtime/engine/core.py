@@ -325,19 +325,32 @@ class EngineCore:
 
     def _sample_and_advance(self, rows: list[tuple[Sequence, int]], plan: StepPlan, output: ModelOutput,
                             started: float) -> list[RequestOutput]:
+        """Input-token details of prompt rows, then one token for every sampled row. What fails for one request
+        (its details, its sampling parameters, its text, its grammar) fails that request alone."""
+        outputs: list[RequestOutput] = []
+        sampled: list[Sequence] = []
+        logit_rows: list[int] = []  # output.logits has one row per sampled plan row, in plan order
+        position = 0
         for (seq, _), row in zip(rows, plan.rows, strict=True):
             if row.prompt_logits:
-                self._collect_input_details(seq, row, output.prompt_logits[row.seq_id])
-        sampled = [seq for (seq, _), row in zip(rows, plan.rows, strict=True) if row.sample]
+                try:
+                    self._collect_input_details(seq, row, output.prompt_logits[row.seq_id])
+                except Exception:  # noqa: BLE001
+                    log.exception("input-token details failed for request %s", seq.id)
+                    self._failed(seq, "scoring the input tokens failed", outputs)
+            if row.sample:
+                if seq.status is SeqStatus.RUNNING:
+                    sampled.append(seq)
+                    logit_rows.append(position)
+                position += 1
         if not sampled:
-            return []
-        tokens, details = self._sample(output.logits, sampled)
+            return outputs
+        logits = output.logits if len(logit_rows) == position else output.logits[logit_rows]
+        tokens, details = self._sample(logits, sampled)
         now = time.monotonic()
-        outputs = []
         for i, seq in enumerate(sampled):
-            if tokens[i] is None:  # this request's own parameters broke sampling: it fails alone
-                seq.status = SeqStatus.FINISHED
-                outputs.append(self._error_output(seq, "sampling failed for this request's parameters"))
+            if tokens[i] is None:  # this request's own parameters broke sampling
+                self._failed(seq, "sampling failed for this request's parameters", outputs)
                 continue
             try:
                 out = self._advance(seq, tokens[i], details[i], now)
@@ -352,6 +365,12 @@ class EngineCore:
             if not seq.aborted:
                 outputs.append(out)
         return outputs
+
+    def _failed(self, seq: Sequence, detail: str, outputs: list[RequestOutput]) -> None:
+        """One request fails alone; a client that already went away gets nothing."""
+        seq.status = SeqStatus.FINISHED
+        if not seq.aborted:
+            outputs.append(self._error_output(seq, detail))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None], list]:
         """Sample the batch; if that raises, each row alone, so that only rows that fail by themselves fail."""
@@ -436,6 +455,7 @@ class EngineCore:
         self.healthy = False
         for seq in seqs:
             seq.status = SeqStatus.FINISHED
+            seq.runner_has_state = True  # the failed step may have set it up: the next plan releases it
         self._leave(seqs)
         self.emit([self._error_output(s, detail) for s in seqs if not s.aborted])
         stats.ok, stats.failure_reason = False, reason
