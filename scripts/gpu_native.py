@@ -1,7 +1,7 @@
 """The native engine on one GPU: correctness against transformers on the same GPU first, then timings.
 
 Run on a CUDA machine from the repository root (one call; wheels the image lacks are carried in .whl):
-    python scripts/gpu_native.py --out $OUT/native.json [--phases correctness,decode,throughput,prefix,server,hf]
+    python scripts/gpu_native.py --out $OUT/native.json [--phases correctness,decode,throughput,prefix,server,server_join,hf]
 
 Phases (JSON report, one key each):
 - correctness: small random Llama and Qwen3 configs; greedy, 32 forced tokens, 8 prompts joining a running batch;
@@ -417,6 +417,8 @@ def grpc_load(tok, items, concurrency: int) -> dict:
     from proto import generation_pb2_grpc as pb_grpc
 
     ttft, itl, gen = [], [], [0]
+    later_ttft = []  # requests that started after the first wave of `concurrency` arrived at once
+    started = [0]
 
     async def main():
         async with grpc.aio.insecure_channel("127.0.0.1:8033") as channel:
@@ -430,6 +432,7 @@ def grpc_load(tok, items, concurrency: int) -> dict:
                                        truncate_input_tokens=len(ids))
                 async with sem:
                     t0 = time.perf_counter()
+                    order, started[0] = started[0], started[0] + 1
                     last, count = None, 0
                     async for msg in stub.GenerateStream(pb.SingleGenerationRequest(
                             request=pb.GenerationRequest(text=text), params=params)):
@@ -437,6 +440,8 @@ def grpc_load(tok, items, concurrency: int) -> dict:
                         for _ in msg.tokens:
                             if last is None:
                                 ttft.append(now - t0)
+                                if order >= concurrency:
+                                    later_ttft.append(now - t0)
                             else:
                                 itl.append(now - last)
                             last = now
@@ -454,17 +459,18 @@ def grpc_load(tok, items, concurrency: int) -> dict:
         return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
     return {"concurrency": concurrency, "generated_tok_per_s": gen[0] / wall, "wall_s": wall,
-            "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99), "itl_ms_p50": pct(itl, 0.5),
+            "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
+            "ttft_ms_p99_after_first_wave": pct(later_ttft, 0.99), "itl_ms_p50": pct(itl, 0.5),
             "itl_ms_p99": pct(itl, 0.99)}
 
 
-def server_phase(path: Path, work: Path, items) -> dict:
+def server_phase(path: Path, work: Path, items, *args: str) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     proc = serve(path, work / "serve.log", "--dtype", "bfloat16", "--engine", "native", "--load-format", "dummy",
                  "--max-batch-size", "256", "--max-sequence-length", "4096", "--max-new-tokens", "1100",
-                 "--max-concurrent-requests", "512")
+                 "--max-concurrent-requests", "512", *args)
     try:
         return {f"c{c}": grpc_load(tok, items, c) for c in (32, 128)}
     finally:
@@ -514,6 +520,12 @@ def main() -> None:
                     log("throughput", json.dumps(results["throughput_native"]))
                     results["throughput_native_c128"] = throughput(engine, items, "native128", concurrency=128)
                     log("throughput c128", json.dumps(results["throughput_native_c128"]))
+                    # the same with joins at once (MAX_WAITING_TOKENS=1): what TGIS' min-join rule costs
+                    engine.core.config.max_waiting_tokens = 1
+                    for c in (128, 256):
+                        key = f"throughput_native_c{c}_join_at_once"
+                        results[key] = throughput(engine, items, f"join{c}", concurrency=c)
+                        log(key, json.dumps(results[key]))
                     save()
             finally:
                 engine.shutdown()
@@ -543,6 +555,10 @@ def main() -> None:
         if "server" in phases:
             results["server"] = server_phase(big, work, items)
             log("server", json.dumps(results["server"]))
+            save()
+        if "server_join" in phases:  # joins at once instead of TGIS' min-join rule
+            results["server_join_at_once"] = server_phase(big, work, items, "--max-waiting-tokens", "1")
+            log("server join at once", json.dumps(results["server_join_at_once"]))
             save()
         if "hf" in phases:
             results["throughput_transformers"] = hf_throughput(big, items)
