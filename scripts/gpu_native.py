@@ -1,7 +1,7 @@
 """The native engine on one GPU: correctness against transformers on the same GPU first, then timings.
 
 Run on a CUDA machine from the repository root (one call; wheels the image lacks are carried in .whl):
-    python scripts/gpu_native.py --out $OUT/native.json [--phases correctness,decode,throughput,prefix,server,server_join,hf]
+    python scripts/gpu_native.py --out $OUT/native.json [--phases correctness,decode,throughput,prefix,server,hf]
 
 Phases (JSON report, one key each):
 - correctness: small random Llama and Qwen3 configs; greedy, 32 forced tokens, 8 prompts joining a running batch;
@@ -10,11 +10,15 @@ Phases (JSON report, one key each):
   rows and prompt-prefix rows in the batch.
 - decode: batch-1 decode of the Llama-3-8B shape (dummy weights, bf16), 128-token prompt, 256 new tokens, beside
   the floor measured in the same run: weight bytes read per step / device-to-device copy bandwidth.
-- throughput: 256 requests, prompt and output lengths uniform in [100, 1024] (seed 0, outputs forced), all at once.
+- throughput: 256 requests, prompt and output lengths uniform in [100, 1024] (seed 0, outputs forced), all at once
+  and 128 in flight; then with joins at once (MAX_WAITING_TOKENS=1 instead of TGIS' min-join rule).
 - hf: the same workload through the transformers engine (in-process, random weights of the same shape).
 - prefix: a 2,000-token shared system prompt + 64 short questions, prefill time with prefix caching on and off.
 - server: `tgis serve` over gRPC (GenerateStream) at 32 and 128 concurrent streams: TTFT and inter-token latency
-  p50/p99, and throughput against the in-process engine on the same workload.
+  p50/p99, and throughput against the in-process engine on the same workload; `server_join`: the same with joins
+  at once.
+- coldstart: a fresh engine's first steps at 32 in flight (joins at once): the steps slower than 0.1 s.
+- profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes; batch-1 decode compiled.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -254,7 +259,8 @@ def offline_workload(n: int = 256, seed: int = 0, short: bool = False) -> list[t
     return [([rng.randrange(16, 1000) for _ in range(rng.randint(lo, hi))], rng.randint(lo, hi)) for _ in range(n)]
 
 
-def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = None) -> dict:
+def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = None,
+               slow_steps_s: float | None = None) -> dict:
     steps: list = []
     engine.add_step_listener(steps.append)
     reqs = [EngineRequest(f"{tag}-{i}", ids, GenerationParams(max_new_tokens=n, min_new_tokens=n))
@@ -281,7 +287,11 @@ def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = N
             "mean_decode_tokproc_ms": 1000 * statistics.fmean(s.tokproc_s for s in decode) if decode else None,
             "mean_decode_ms": 1000 * statistics.fmean(s.duration_s for s in decode) if decode else None,
             "mean_decode_batch": statistics.fmean(s.batch_size for s in decode) if decode else None,
-            "busy_fraction": sum(s.duration_s for s in steps) / wall}
+            "busy_fraction": sum(s.duration_s for s in steps) / wall,
+            **({"slow_steps": [{"step": i, "method": s.method, "rows": s.batch_size, "prompt_rows": s.prompt_rows,
+                                "tokens": s.scheduled_tokens, "s": s.duration_s}
+                               for i, s in enumerate(steps) if s.duration_s > slow_steps_s]}
+               if slow_steps_s is not None else {})}
 
 
 def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> dict:
@@ -476,6 +486,8 @@ def server_phase(path: Path, work: Path, items, *args: str) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        if os.environ.get("OUT"):  # the server's log, for what the report cannot say
+            shutil.copy(work / "serve.log", Path(os.environ["OUT"]) / f"serve{'-'.join(args)}.log")
 
 
 def main() -> None:
@@ -543,6 +555,16 @@ def main() -> None:
             try:
                 results["decode_bs1_compiled"] = decode_phase(big, engine)
                 log("decode compiled", json.dumps(results["decode_bs1_compiled"]))
+                save()
+            finally:
+                engine.shutdown()
+                del engine
+                release()
+        if "coldstart" in phases:  # a fresh engine's first steps: where first-wave TTFT goes
+            engine = big_engine(big, max_waiting_tokens=1)
+            try:
+                results["coldstart_c32"] = throughput(engine, items, "cold32", concurrency=32, slow_steps_s=0.1)
+                log("coldstart c32", json.dumps(results["coldstart_c32"]))
                 save()
             finally:
                 engine.shutdown()

@@ -223,3 +223,27 @@ def test_engine_choice(tiny_model):
     assert ServerConfig(deployment_framework="hf_transformers").effective_engine == "transformers"
     assert ServerConfig(deployment_framework="tgis_native").effective_engine == "native"
     assert ServerConfig(engine="native", deployment_framework="hf_transformers").effective_engine == "native"
+
+
+def test_the_gpu_warm_up_leaves_nothing_behind(tiny_model):
+    """On CUDA the runner runs prompt-only, mixed and continued-chunk steps before serving (first-use JIT compiles);
+    here on the CPU: afterwards no row, block or value of it remains and outputs are transformers'."""
+    eng = AsyncEngine(EngineConfig(model_path=str(tiny_model("llama")), engine="native", debug_checks=True))
+    try:
+        runner = eng.core.runner
+        rows, forward, kinds = sorted(runner.free_rows), runner._forward, []
+
+        def counted(plan, states):
+            kinds.append((sum(r.is_decode for r in plan.rows), sum(not r.is_decode for r in plan.rows)))
+            return forward(plan, states)
+
+        runner._forward = counted
+        runner.warm_up()  # as at the end of kv_capacity on CUDA; the engine thread waits for requests
+        del runner._forward
+        assert kinds == [(0, 4), (3, 2), (4, 1)]  # prompt-only, then mixed with 3 and 4 decode rows
+        assert not runner.states and sorted(runner.free_rows) == rows
+        assert not runner.caches[:, :, :16].any()  # the null block and blocks 1-15 it used are zero again
+        reqs = [request(eng, t, max_new_tokens=6) for t in PROMPTS[:3]]
+        assert [r.token_ids for r in run(eng, reqs)] == [hf_greedy(eng, r.input_ids, 6) for r in reqs]
+    finally:
+        eng.shutdown()
