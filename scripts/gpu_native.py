@@ -294,6 +294,19 @@ def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = N
                if slow_steps_s is not None else {})}
 
 
+def decode_and_throughput(engine: AsyncEngine, path: Path, items, phases: list[str], record) -> None:
+    """The phases that share one engine: batch-1 decode, then the offline workload all at once and 128 in flight,
+    then the same with joins at once (MAX_WAITING_TOKENS=1): what TGIS' min-join rule costs."""
+    if "decode" in phases:
+        record("decode_bs1", decode_phase(path, engine))
+    if "throughput" in phases:
+        record("throughput_native", throughput(engine, items, "native"))
+        record("throughput_native_c128", throughput(engine, items, "native128", concurrency=128))
+        engine.core.config.max_waiting_tokens = 1
+        for c in (128, 256):
+            record(f"throughput_native_c{c}_join_at_once", throughput(engine, items, f"join{c}", concurrency=c))
+
+
 def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> dict:
     """Where a decode step's time goes at `batch` rows: the graph replay alone (device events), whole engine steps
     (wall), the host part (cProfile, top functions) and the device kernels (torch.profiler, top by CUDA time)."""
@@ -512,6 +525,21 @@ def main() -> None:
     def save():
         args.out.write_text(json.dumps(results, indent=2))
 
+    def record(key: str, value: dict) -> None:
+        results[key] = value
+        log(key, json.dumps(value))
+        save()
+
+    def on_own_engine(run, **extra) -> None:
+        """Phases on an engine of their own (`extra`: its config), given back before the next phase."""
+        engine = big_engine(big, **extra)
+        try:
+            run(engine)
+        finally:
+            engine.shutdown()
+            del engine
+            release()
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "correctness" in phases:
@@ -521,28 +549,7 @@ def main() -> None:
         write_model(big, "llama", weights=False, **LLAMA_8B)
         items = offline_workload(args.requests, short=args.dry_run)
         if {"decode", "throughput"} & set(phases):
-            engine = big_engine(big)
-            try:
-                if "decode" in phases:
-                    results["decode_bs1"] = decode_phase(big, engine)
-                    log("decode", json.dumps(results["decode_bs1"]))
-                    save()
-                if "throughput" in phases:
-                    results["throughput_native"] = throughput(engine, items, "native")
-                    log("throughput", json.dumps(results["throughput_native"]))
-                    results["throughput_native_c128"] = throughput(engine, items, "native128", concurrency=128)
-                    log("throughput c128", json.dumps(results["throughput_native_c128"]))
-                    # the same with joins at once (MAX_WAITING_TOKENS=1): what TGIS' min-join rule costs
-                    engine.core.config.max_waiting_tokens = 1
-                    for c in (128, 256):
-                        key = f"throughput_native_c{c}_join_at_once"
-                        results[key] = throughput(engine, items, f"join{c}", concurrency=c)
-                        log(key, json.dumps(results[key]))
-                    save()
-            finally:
-                engine.shutdown()
-                del engine
-                release()
+            on_own_engine(lambda engine: decode_and_throughput(engine, big, items, phases, record))
         for flag in ("profile", "profile_compiled"):
             if flag in phases:
                 results[flag] = profile_phase(big, 128 if DEVICE == "cuda" else 4, flag.endswith("compiled"))
@@ -551,41 +558,19 @@ def main() -> None:
                 log(results[flag]["device_profile"])
                 save()
         if "decode_compiled" in phases:
-            engine = big_engine(big, compile=True)
-            try:
-                results["decode_bs1_compiled"] = decode_phase(big, engine)
-                log("decode compiled", json.dumps(results["decode_bs1_compiled"]))
-                save()
-            finally:
-                engine.shutdown()
-                del engine
-                release()
+            on_own_engine(lambda engine: record("decode_bs1_compiled", decode_phase(big, engine)), compile=True)
         if "coldstart" in phases:  # a fresh engine's first steps: where first-wave TTFT goes
-            engine = big_engine(big, max_waiting_tokens=1)
-            try:
-                results["coldstart_c32"] = throughput(engine, items, "cold32", concurrency=32, slow_steps_s=0.1)
-                log("coldstart c32", json.dumps(results["coldstart_c32"]))
-                save()
-            finally:
-                engine.shutdown()
-                del engine
-                release()
+            on_own_engine(lambda engine: record("coldstart_c32", throughput(engine, items, "cold32", concurrency=32,
+                                                                             slow_steps_s=0.1)),
+                          max_waiting_tokens=1)
         if "prefix" in phases:
-            results["prefix"] = {"caching": prefix_phase(big, True), "no_caching": prefix_phase(big, False)}
-            log("prefix", json.dumps(results["prefix"]))
-            save()
+            record("prefix", {"caching": prefix_phase(big, True), "no_caching": prefix_phase(big, False)})
         if "server" in phases:
-            results["server"] = server_phase(big, work, items)
-            log("server", json.dumps(results["server"]))
-            save()
+            record("server", server_phase(big, work, items))
         if "server_join" in phases:  # joins at once instead of TGIS' min-join rule
-            results["server_join_at_once"] = server_phase(big, work, items, "--max-waiting-tokens", "1")
-            log("server join at once", json.dumps(results["server_join_at_once"]))
-            save()
+            record("server_join_at_once", server_phase(big, work, items, "--max-waiting-tokens", "1"))
         if "hf" in phases:
-            results["throughput_transformers"] = hf_throughput(big, items)
-            log("hf", json.dumps(results["throughput_transformers"]))
-            save()
+            record("throughput_transformers", hf_throughput(big, items))
     save()
 
 
