@@ -122,7 +122,8 @@ class NativeRunner:
         nothing behind."""
         lengths = [5, 20, 40, 64, 40, 8]  # the fifth prompt comes in two chunks
         blocks = [-(-(n + 2) // self.block_size) for n in lengths]
-        if self.caches.shape[2] <= sum(blocks) or len(self.free_rows) < len(lengths):
+        if (self.caches.shape[2] <= sum(blocks) or len(self.free_rows) < len(lengths)
+                or max(blocks) > self.block_table.shape[1]):  # a tiny pool, batch or sequence length
             return
         first, ids = 1, []
         for n in blocks:
