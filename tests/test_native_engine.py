@@ -247,3 +247,15 @@ def test_the_gpu_warm_up_leaves_nothing_behind(tiny_model):
         assert [r.token_ids for r in run(eng, reqs)] == [hf_greedy(eng, r.input_ids, 6) for r in reqs]
     finally:
         eng.shutdown()
+
+
+def test_cpu_decode_attention_groups_rows_of_similar_length():
+    """TorchAttention pads each group of decode rows to its own longest context, not the batch's; every row once."""
+    from runtime.models.native.attention import _length_groups
+
+    lengths = [700, 40, 690, 300, 35, 520, 12, 5]
+    groups = _length_groups(lengths)
+    assert groups == [([0, 2, 5], 700), ([3], 300), ([1, 4], 40), ([6, 7], 12)]
+    assert sorted(i for rows, _ in groups for i in rows) == list(range(len(lengths)))
+    assert len(_length_groups([1000 // 2**i for i in range(10)])) == 4  # at most four kernels per layer
+    assert _length_groups([]) == []

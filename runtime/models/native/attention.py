@@ -66,6 +66,20 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return out.view(b, kv_heads, n, group, d).permute(0, 2, 1, 3, 4).reshape(b, n, heads, d)
 
 
+def _length_groups(lengths: list[int], max_groups: int = 4, ratio: float = 0.7) -> list[tuple[list[int], int]]:
+    """Decode rows in groups of similar context length, each (rows, longest): padding every row to the batch's
+    longest context made gathering and attending ~1.7x the work on the CPU for lengths spread over 32-768. A group
+    closes when a row is shorter than `ratio` of its longest; at most `max_groups` groups."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[tuple[list[int], int]] = []
+    for i in order:
+        if groups and (lengths[i] >= ratio * groups[-1][1] or len(groups) == max_groups):
+            groups[-1][0].append(i)
+        else:
+            groups.append(([i], lengths[i]))
+    return groups
+
+
 class TorchAttention:
     """Gathers each row's blocks and runs scaled_dot_product_attention: plain torch over the block tables."""
 
@@ -74,15 +88,21 @@ class TorchAttention:
         out = torch.empty_like(q)
         block_size = cache.shape[2]
         d = meta.num_decodes
-        if d:
-            nb = -(-meta.max_decode_len // block_size)
-            keys, values = _gathered(cache, meta.block_tables[:d, :nb].long())  # [d, L, KVH, D]
+        for rows, length in _length_groups(meta.seq_lens_host[:d]):
+            index = torch.tensor(rows, device=q.device) if len(rows) < d else None
+            tables = meta.block_tables[:d] if index is None else meta.block_tables[index]
+            keys, values = _gathered(cache, tables[:, : -(-length // block_size)].long())  # [rows, L, KVH, D]
             pos = torch.arange(keys.shape[1], device=q.device)
-            lens = meta.seq_lens[:d, None]
+            lens = (meta.seq_lens[:d] if index is None else meta.seq_lens[index])[:, None]
             mask = pos[None, :] < lens
             if window is not None:
                 mask &= pos[None, :] >= lens - window
-            out[:d] = _attend(q[:d, None], keys, values, mask[:, None], scale)[:, 0]
+            queries = q[:d] if index is None else q[index]
+            result = _attend(queries[:, None], keys, values, mask[:, None], scale)[:, 0]
+            if index is None:
+                out[:d] = result
+            else:
+                out[index] = result
         start = d
         for row in range(d, len(meta.query_lens_host)):
             n, length = meta.query_lens_host[row], meta.seq_lens_host[row]
