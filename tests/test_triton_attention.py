@@ -37,8 +37,7 @@ def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None,
     for n in qlens:
         starts.append(starts[-1] + n)
     meta = AttentionMetadata(torch.tensor(slots), tables, torch.tensor(lens, dtype=torch.int32),
-                             torch.tensor(starts, dtype=torch.int32), len(decodes), lens, qlens,
-                             max(decodes, default=0))
+                             torch.tensor(starts, dtype=torch.int32), len(decodes), lens, qlens)
     ref_cache, got_cache = cache.clone(), cache.clone()
     want = TorchAttention()(q, k, v, ref_cache, meta, D**-0.5, window)
     got = TritonAttention(splits)(q, k, v, got_cache, meta, D**-0.5, window)

@@ -56,7 +56,7 @@ class DecodeGraphs:
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(self.slots[:size], self.tables[:size], self.lens[:size], self.query_start[:size + 1],
-                                 size, [1] * size, [1] * size, 1)
+                                 size, [1] * size, [1] * size)
 
     @torch.inference_mode()
     def _forward(self, size: int) -> torch.Tensor:

@@ -252,8 +252,7 @@ class NativeRunner:
         table_rows = table_rows.long()
         blocks = self.block_table[table_rows[row_of_token], positions // self.block_size].long()
         meta = AttentionMetadata(blocks * self.block_size + positions % self.block_size, self.block_table[table_rows],
-                                 seq_lens_t, query_start_t, num_decodes, seq_lens, lens,
-                                 max(seq_lens[:num_decodes], default=0))
+                                 seq_lens_t, query_start_t, num_decodes, seq_lens, lens)
         return StepInputs(ids, positions, meta, sample_index.long(), query_start)
 
     def _forward(self, plan: StepPlan, states: list[_SeqState]) -> ModelOutput:

@@ -26,7 +26,6 @@ class AttentionMetadata:
     num_decodes: int  # rows (= tokens) [0, num_decodes) have one query token each
     seq_lens_host: list[int]  # host copies, so that host-side loops need no device synchronisation
     query_lens_host: list[int]
-    max_decode_len: int = 0  # longest context among decode rows
 
 
 class AttentionBackend(Protocol):
@@ -89,20 +88,14 @@ class TorchAttention:
         block_size = cache.shape[2]
         d = meta.num_decodes
         for rows, length in _length_groups(meta.seq_lens_host[:d]):
-            index = torch.tensor(rows, device=q.device) if len(rows) < d else None
-            tables = meta.block_tables[:d] if index is None else meta.block_tables[index]
-            keys, values = _gathered(cache, tables[:, : -(-length // block_size)].long())  # [rows, L, KVH, D]
-            pos = torch.arange(keys.shape[1], device=q.device)
-            lens = (meta.seq_lens[:d] if index is None else meta.seq_lens[index])[:, None]
+            index = torch.tensor(rows, device=q.device)
+            keys, values = _gathered(cache, meta.block_tables[index, : -(-length // block_size)].long())
+            pos = torch.arange(keys.shape[1], device=q.device)  # keys, values: [rows, L, KVH, D]
+            lens = meta.seq_lens[index, None]
             mask = pos[None, :] < lens
             if window is not None:
                 mask &= pos[None, :] >= lens - window
-            queries = q[:d] if index is None else q[index]
-            result = _attend(queries[:, None], keys, values, mask[:, None], scale)[:, 0]
-            if index is None:
-                out[:d] = result
-            else:
-                out[index] = result
+            out[index] = _attend(q[index, None], keys, values, mask[:, None], scale)[:, 0]
         start = d
         for row in range(d, len(meta.query_lens_host)):
             n, length = meta.query_lens_host[row], meta.seq_lens_host[row]
