@@ -503,19 +503,25 @@ def server_phase(path: Path, work: Path, items, *args: str) -> dict:
             shutil.copy(work / "serve.log", Path(os.environ["OUT"]) / f"serve{'-'.join(args)}.log")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("gpu_native.json"))
-    ap.add_argument("--phases", default="correctness,decode,throughput,prefix,server,hf")
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--dry-run", action="store_true", help="on the CPU, a small shape: checks the script only")
-    args = ap.parse_args()
-    phases = args.phases.split(",")
+def parse_args(out: str, phases: str, dry_run_help: str) -> tuple[argparse.Namespace, list[str]]:
+    """The GPU scripts' shared options; `--dry-run` switches this module to the CPU and a small shape."""
     global DEVICE
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--phases", default=phases)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    args = ap.parse_args()
     if args.dry_run:
         DEVICE = "cpu"
         LLAMA_8B.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=1100)
+    return args, args.phases.split(",")
+
+
+def main() -> None:
+    args, phases = parse_args("gpu_native.json", "correctness,decode,throughput,prefix,server,hf",
+                              "on the CPU, a small shape: checks the script only")
     results: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
                      "torch": torch.__version__}
     import transformers

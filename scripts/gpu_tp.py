@@ -23,7 +23,6 @@ Phases (JSON report):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -193,12 +192,14 @@ def kill_phase(work: Path) -> dict:
         native.write_model(path, "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                            num_attention_heads=8, num_key_value_heads=4)
     proc = native.serve(path, work / "kill.log", "--dtype", "float32", "--num-gpus", "2")
+    rank = _rank_pid(proc.pid)  # found first: the stream must still run when the rank dies
     stub = pb_grpc.GenerationServiceStub(grpc.insecure_channel("127.0.0.1:8033"))
     stream = stub.GenerateStream(pb.SingleGenerationRequest(
         request=pb.GenerationRequest(text="Tell me a long story."),
-        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=2000, min_new_tokens=2000))), timeout=T)
+        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1000, min_new_tokens=1000),
+                             # a message per token: a random model's held-back text sends none otherwise
+                             response=pb.ResponseOptions(generated_tokens=True))), timeout=T)
     next(stream), next(stream)
-    rank = _rank_pid(proc.pid)
     killed = time.monotonic()
     os.kill(rank, signal.SIGKILL)
     error = None
@@ -238,17 +239,8 @@ def _rank_pid(server: int) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("gpu_tp.json"))
-    ap.add_argument("--phases", default="serve_equal,decode,throughput,deepspeed,kill")
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--dry-run", action="store_true", help="on the CPU (gloo ranks, small shapes)")
-    args = ap.parse_args()
-    phases = args.phases.split(",")
-    if args.dry_run:
-        native.DEVICE = "cpu"
-        native.LLAMA_8B.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=1100)
+    args, phases = native.parse_args("gpu_tp.json", "serve_equal,decode,throughput,deepspeed,kill",
+                                     "on the CPU (gloo ranks, small shapes)")
     results: dict = {"devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                      "torch": torch.__version__}
 
