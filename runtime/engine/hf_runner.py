@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.kv_cache import free_memory_bytes
-from runtime.engine.lora import LoraManager, LoraRef
+from runtime.engine.lora import LoraManager, LoraRef, adapter_errors
 from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
 from runtime.models.loader import LoadedModel
 
@@ -235,12 +235,8 @@ class TransformersRunner:
         """ValueError (the client's message) when the adapter cannot be applied to this model; loads it."""
         if self.lora is None:
             self.lora = LoraManager(self.model, self.device, self.loaded.dtype)
-        try:
+        with adapter_errors(ref):
             self.lora._load(ref)
-        except ValueError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an unreadable file is the adapter's problem, said plainly
-            raise ValueError(f"can't load adapter '{ref.name}': {exc}") from exc
 
     def _activate(self, loras: list[LoraRef | None] | None) -> None:
         """Tell the LoRA hooks which rows of the coming forward use which adapter."""

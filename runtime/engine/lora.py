@@ -31,6 +31,18 @@ class LoraRef:
     path: str
 
 
+@contextlib.contextmanager
+def adapter_errors(ref: LoraRef):
+    """Any failure reading `ref` becomes a ValueError that names it: an unreadable file is the adapter's problem,
+    said plainly to its request's client (ValueErrors pass as they are)."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"can't load adapter '{ref.name}': {exc}") from exc
+
+
 @dataclass
 class _Adapter:
     scale: float

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.engine.lora import PEFT_PREFIX, LoraRef, read_lora_config
+from runtime.engine.lora import PEFT_PREFIX, LoraRef, adapter_errors, read_lora_config
 
 # PEFT target module -> (native projection, fused part)
 TARGETS = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
@@ -95,12 +95,8 @@ class NativeLoraManager:
 
     def _parsed(self, ref: LoraRef) -> tuple[float, dict]:
         if ref.name not in self.parsed:
-            try:
+            with adapter_errors(ref):
                 self.parsed[ref.name] = self._parse(ref)
-            except ValueError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an unreadable file is the adapter's problem, said plainly
-                raise ValueError(f"can't load adapter '{ref.name}': {exc}") from exc
             while len(self.parsed) > 2 * self.slots.num_slots:
                 self.parsed.popitem(last=False)
         self.parsed.move_to_end(ref.name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -186,7 +187,8 @@ class OpenAIApi:
                 await self._compiled(gp)
                 self._with_logprobs(gp, top_logprobs)
                 text = await self.front.off_loop(self._render_chat, body.messages)
-                prepared = await self.front.off_loop(self.front.prepare, text, 0, False)
+                prepare = functools.partial(self.front.prepare, text, add_special_tokens=False)
+                prepared = await self.front.off_loop(prepare)
                 choices = self._choices([(text, prepared)], gp, body, n, start)
             shape = ChatShape(self.tokenizer, self.model_name, top_logprobs)
             return await self._respond(request, body, shape, choices, held, start)
