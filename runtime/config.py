@@ -142,6 +142,10 @@ class ServerConfig:
     cuda_graphs: bool = _opt(True, "--cuda-graphs", env="CUDA_GRAPHS", panel=ENGINE,
                              help="Capture decode steps in CUDA graphs (native engine, true/false).",
                              explicit_bool=True)
+    async_scheduling: bool | None = _opt(
+        None, "--async-scheduling", env="ASYNC_SCHEDULING", panel=ENGINE,
+        help="Plan and launch each step while the GPU still runs the one before (native engine, one process; "
+             "true/false; default: on GPUs).", explicit_bool=True)
     load_format: str = _opt("auto", "--load-format", env="LOAD_FORMAT", panel=ENGINE,
                             help="auto (the checkpoint's weights) or dummy (random weights of the model's shape, "
                                  "for benchmarks).",

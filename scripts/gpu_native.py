@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import itertools
 import json
 import os
 import random
@@ -211,20 +212,25 @@ def decode_phase(path: Path, engine: AsyncEngine) -> dict:
     prompt = [random.Random(1).randrange(16, 1000) for _ in range(128)]
 
     def once(tag: str) -> float:
+        """Median time between two decode steps' read-backs: per-token latency whether or not the host plans a step
+        while the one before runs (a step's own duration then spans two)."""
         req = EngineRequest(tag, prompt, GenerationParams(max_new_tokens=256, min_new_tokens=256))
-        steps: list = []
-        engine.add_step_listener(steps.append)
+        done: list[float] = []
+        engine.add_step_listener(lambda s: done.append(time.perf_counter()) if s.method == "next_token" else None)
         run_all(engine, [req])
         engine.listeners.pop()
-        decode = [s.duration_s for s in steps if s.method == "next_token"]
-        return statistics.median(decode) * 1000
+        return statistics.median(b - a for a, b in itertools.pairwise(done)) * 1000
 
-    once("warm")
-    ms = min(once(f"lat-{i}") for i in range(3))
     floor = read_per_step / bandwidth * 1000
-    return {"ms_per_token": ms, "floor_ms": floor, "ratio_to_floor": ms / floor,
-            "copy_bandwidth_TBps": bandwidth / 1e12, "weight_bytes_read_per_step": read_per_step,
-            "matmuls_only_ms": matmuls_only_ms(model)}
+    out = {"floor_ms": floor, "copy_bandwidth_TBps": bandwidth / 1e12, "weight_bytes_read_per_step": read_per_step,
+           "matmuls_only_ms": matmuls_only_ms(model)}
+    for mode in (False, True):  # synchronous loop, then async scheduling
+        engine.core.plan_ahead = mode
+        once("warm")
+        ms = min(once(f"lat-{i}") for i in range(3))
+        key = "async" if mode else "sync"
+        out[f"ms_per_token_{key}"], out[f"ratio_to_floor_{key}"] = ms, ms / floor
+    return out
 
 
 def matmuls_only_ms(model) -> float | None:
@@ -259,12 +265,28 @@ def offline_workload(n: int = 256, seed: int = 0, short: bool = False) -> list[t
     return [([rng.randrange(16, 1000) for _ in range(rng.randint(lo, hi))], rng.randint(lo, hi)) for _ in range(n)]
 
 
+_RUNS = iter(range(1, 10**6))
+
+
+def salted(items):
+    """The workload with prompts that start with an id of this run's own, so that a run never finds an earlier
+    run's prompts in the prefix cache (runs on one engine or server each compute every prompt)."""
+    salt = 1000 + next(_RUNS)
+    return [([salt, *ids[1:]], n) for ids, n in items]
+
+
 def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = None,
                slow_steps_s: float | None = None) -> dict:
+    """`slow_steps_s`: also list the steps slower than that, with the JIT compilations (Triton kernels, dynamo
+    frames) that ran during the run, by time since its start, to tell a compile from a slow step."""
     steps: list = []
-    engine.add_step_listener(steps.append)
+    ends: list[float] = []
+    compiles: list = []
+    engine.add_step_listener(lambda s: (steps.append(s), ends.append(time.perf_counter())))
     reqs = [EngineRequest(f"{tag}-{i}", ids, GenerationParams(max_new_tokens=n, min_new_tokens=n))
-            for i, (ids, n) in enumerate(items)]
+            for i, (ids, n) in enumerate(salted(items))]
+    if slow_steps_s is not None:
+        watch_compiles(compiles)
 
     async def main():
         sem = asyncio.Semaphore(concurrency or len(reqs))
@@ -281,17 +303,45 @@ def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = N
     engine.listeners.pop()
     generated = sum(len(o) for o in outs)
     decode = [s for s in steps if s.method == "next_token"]
-    return {"generated_tokens": generated, "wall_s": wall, "generated_tok_per_s": generated / wall,
-            "steps": len(steps), "decode_steps": len(decode),
-            "mean_decode_host_launch_ms": 1000 * statistics.fmean(s.forward_s for s in decode) if decode else None,
-            "mean_decode_tokproc_ms": 1000 * statistics.fmean(s.tokproc_s for s in decode) if decode else None,
-            "mean_decode_ms": 1000 * statistics.fmean(s.duration_s for s in decode) if decode else None,
-            "mean_decode_batch": statistics.fmean(s.batch_size for s in decode) if decode else None,
-            "busy_fraction": sum(s.duration_s for s in steps) / wall,
-            **({"slow_steps": [{"step": i, "method": s.method, "rows": s.batch_size, "prompt_rows": s.prompt_rows,
-                                "tokens": s.scheduled_tokens, "s": s.duration_s}
-                               for i, s in enumerate(steps) if s.duration_s > slow_steps_s]}
-               if slow_steps_s is not None else {})}
+    out = {"generated_tokens": generated, "wall_s": wall, "generated_tok_per_s": generated / wall,
+           "steps": len(steps), "decode_steps": len(decode),
+           "mean_decode_host_launch_ms": 1000 * statistics.fmean(s.forward_s for s in decode) if decode else None,
+           "mean_decode_tokproc_ms": 1000 * statistics.fmean(s.tokproc_s for s in decode) if decode else None,
+           "mean_decode_batch": statistics.fmean(s.batch_size for s in decode) if decode else None,
+           "prefix_cache_hit_tokens": sum(s.prefix_cache_hits for s in steps),
+           "async_scheduling": engine.core.plan_ahead}
+    if slow_steps_s is not None:
+        watch_compiles(None)
+        out["slow_steps"] = [{"step": i, "method": s.method, "rows": s.batch_size, "prompt_rows": s.prompt_rows,
+                              "tokens": s.scheduled_tokens, "s": s.duration_s, "ended_at_s": ends[i] - t0}
+                             for i, s in enumerate(steps) if s.duration_s > slow_steps_s]
+        out["compiles"] = [{"at_s": at - t0, "what": what} for at, what in compiles if at >= t0]
+    return out
+
+
+_WATCHING = [False]
+
+
+def watch_compiles(into: list | None) -> None:
+    """Record (time, what) into `into` for every Triton kernel and every dynamo frame compiled; None: stop."""
+    import triton
+
+    if into is None:
+        _WATCHING[0] = False
+        return
+    _WATCHING[0] = True
+
+    def note(what: str) -> None:
+        if _WATCHING[0]:
+            into.append((time.perf_counter(), what))
+
+    triton.knobs.runtime.jit_post_compile_hook = lambda **kw: note(f"triton {kw['fn'].name}")
+    try:
+        from torch._dynamo.callback import callback_handler
+
+        callback_handler.register_start_callback(lambda *a: note("dynamo compile"))
+    except (ImportError, AttributeError) as exc:  # another torch: the Triton hook still reports
+        log("dynamo compile callbacks unavailable:", exc)
 
 
 def decode_and_throughput(engine: AsyncEngine, path: Path, items, phases: list[str], record) -> None:
@@ -300,11 +350,41 @@ def decode_and_throughput(engine: AsyncEngine, path: Path, items, phases: list[s
     if "decode" in phases:
         record("decode_bs1", decode_phase(path, engine))
     if "throughput" in phases:
-        record("throughput_native", throughput(engine, items, "native"))
-        record("throughput_native_c128", throughput(engine, items, "native128", concurrency=128))
-        engine.core.config.max_waiting_tokens = 1
-        for c in (128, 256):
-            record(f"throughput_native_c{c}_join_at_once", throughput(engine, items, f"join{c}", concurrency=c))
+        for mode in (True, False):  # async scheduling (the default on CUDA), then the synchronous loop
+            engine.core.plan_ahead = mode
+            key = "" if mode else "_sync"
+            engine.core.config.max_waiting_tokens = 24
+            record(f"throughput_native{key}", throughput(engine, items, f"native{key}"))
+            record(f"throughput_native_c128{key}", throughput(engine, items, f"native128{key}", concurrency=128))
+            engine.core.config.max_waiting_tokens = 1
+            record(f"throughput_native_c256_join_at_once{key}", throughput(engine, items, f"join256{key}"))
+
+
+def sync_points(core, steps: int = 10) -> dict:
+    """Calls that make the host wait for the GPU, per engine step (torch's CUDA sync debug mode), by the innermost
+    frame of ours that made them: async scheduling needs exactly one, the read-back of the step before."""
+    import collections
+    import traceback
+    import warnings
+
+    where: collections.Counter = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}runtime{os.sep}" in f.filename]
+        where[f"{ours[-1].filename.split('runtime' + os.sep)[-1]}:{ours[-1].lineno}" if ours else filename] += 1
+
+    if DEVICE != "cuda":
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                core.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"per_step": sum(where.values()) / steps, "where": dict(where)}
 
 
 def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> dict:
@@ -341,11 +421,15 @@ def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> 
             end.record()
             sync()
             out["graph_replay_ms"] = start.elapsed_time(end) / 20
-        t0 = time.perf_counter()
-        for _ in range(20):
+        for mode in (False, True):  # the synchronous loop, then async scheduling
+            core.plan_ahead = mode
             core.step()
-        sync()
-        out["engine_step_ms"] = (time.perf_counter() - t0) * 1000 / 20
+            t0 = time.perf_counter()
+            for _ in range(20):
+                core.step()
+            sync()
+            out[f"engine_step_ms_{'async' if mode else 'sync'}"] = (time.perf_counter() - t0) * 1000 / 20
+        out["sync_points"] = sync_points(core)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(20):
@@ -472,7 +556,7 @@ def grpc_load(tok, items, concurrency: int) -> dict:
                     gen[0] += count
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(ids, n) for ids, n in items))
+            await asyncio.gather(*(one(ids, n) for ids, n in salted(items)))
             return time.perf_counter() - t0
 
     wall = asyncio.run(main())

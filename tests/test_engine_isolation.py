@@ -35,14 +35,14 @@ def test_a_huge_length_penalty_ends_its_request_with_eos_and_leaves_others_alone
 
 
 def test_a_row_that_breaks_sampling_fails_alone(engine, monkeypatch):
-    original = Sampler.__call__
+    original = Sampler.launch
 
     def fragile(self, logits, rows):
         if any(r.params.top_k == 13 for r in rows):  # stands for any parameter combination that raises
             raise RuntimeError("boom")
         return original(self, logits, rows)
 
-    monkeypatch.setattr(Sampler, "__call__", fragile)
+    monkeypatch.setattr(Sampler, "launch", fragile)
     bad = request(engine, PROMPTS[2], max_new_tokens=8, temperature=0.9, top_k=13, seed=1)
     good = [request(engine, t, max_new_tokens=8) for t in PROMPTS[3:6]]
     results = run(engine, [bad, *good])

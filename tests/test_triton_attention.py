@@ -60,7 +60,8 @@ def test_kernels_match_the_torch_backend(decodes, chunks, window, splits):
 
 def test_engine_tokens_with_triton_kernels_and_the_graph_decode_path(tiny_model):
     """Mixed prompt chunks and decodes through the kernels, and decode-only steps through the padded static buffers
-    CUDA graphs replay (run eagerly here): the same tokens as the torch backend."""
+    CUDA graphs replay (run eagerly here), with async scheduling as on a GPU (rows' last ids taken from the device
+    tensor of the step before): the same tokens as the torch backend's synchronous loop."""
     from runtime.engine.cuda_graphs import DecodeGraphs
 
     path = str(tiny_model("llama"))
@@ -69,7 +70,7 @@ def test_engine_tokens_with_triton_kernels_and_the_graph_decode_path(tiny_model)
     reqs = lambda engine: [request(engine, t, max_new_tokens=n)  # noqa: E731
                            for t, n in zip(PROMPTS[:5], MAX_NEW[:5], strict=True)]
     torch_engine = AsyncEngine(EngineConfig(**common))
-    triton_engine = AsyncEngine(EngineConfig(attention_backend="triton", **common))
+    triton_engine = AsyncEngine(EngineConfig(attention_backend="triton", async_scheduling=True, **common))
     try:
         runner = triton_engine.core.runner
         runner.graphs = DecodeGraphs(runner, 6, capture=False)
@@ -79,6 +80,7 @@ def test_engine_tokens_with_triton_kernels_and_the_graph_decode_path(tiny_model)
         got = run(triton_engine, reqs(triton_engine), join_after_steps=[0, 0, 1, 2, 4])
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
         assert any(decode_only) and not all(decode_only), "both paths ran"
+        assert triton_engine.core.steps_ahead > 0
     finally:
         torch_engine.shutdown()
         triton_engine.shutdown()

@@ -33,6 +33,8 @@ class EngineConfig:
     tensor_parallel_method: str = "auto"
     cuda_memory_fraction: float = 1.0  # per-process cap (TGIS CUDA_PROCESS_MEMORY_FRACTION), set where the model runs
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (native runner on CUDA)
+    # plan and launch step N+1 while step N runs (native runner in one process); None: on CUDA
+    async_scheduling: bool | None = None
     compile: bool | None = None  # torch.compile the native model (TGIS PT2_COMPILE); None: on CUDA only
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     load_format: str = "auto"  # "dummy": random weights of the configured shape (benchmarks)

@@ -26,6 +26,7 @@ from runtime.engine.request import EngineRequest, RequestOutput, StopReason, Tok
 from runtime.engine.runner import make_runner
 from runtime.engine.sampler import (
     Sampler,
+    SampleResult,
     SamplerRow,
     TokenHistory,
     encoder_input_token_details,
@@ -34,6 +35,7 @@ from runtime.engine.sampler import (
 )
 from runtime.engine.scheduler import Scheduled, Scheduler
 from runtime.engine.sequence import SeqStatus, Sequence, new_sequence
+from runtime.engine.staging import to_device
 from runtime.engine.stopping import DecodeStream
 from runtime.models.loader import DEFAULT_MAX_SEQUENCE_LENGTH, LoadedModel, model_max_sequence_length
 
@@ -91,6 +93,23 @@ class GrammarRejected(Exception):
     """The grammar refused the sampled token (it cannot when its mask was applied): fails that request alone."""
 
 
+@dataclass
+class InFlight:
+    """A launched step whose sampled ids the host has not read yet: its rows, what the runner returned, the
+    sequences sampled (in the order of `chosen`) and how to read them back."""
+
+    number: int
+    rows: list[tuple[Sequence, int]]
+    plan: StepPlan
+    output: ModelOutput
+    stats: StepStats
+    started: float
+    launched: float
+    sampled: list[Sequence] = field(default_factory=list)
+    chosen: torch.Tensor | None = None  # the sampled ids on the device
+    read: Callable[[], tuple[list[int | None], list]] | None = None  # ids and details on the host (synchronises)
+
+
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
     """(metrics reason, client-facing detail) for a failed forward."""
     if isinstance(exc, torch.OutOfMemoryError):
@@ -128,11 +147,27 @@ class EngineCore:
         chunked = self.runner.chunked_prefill and config.chunked_prefill
         self.scheduler = Scheduler(config, self.kv, config.token_budget(lm.device.type), chunked,
                                    padded=not self.runner.paged)
+        self.plan_ahead = self._async_scheduling(config)
+        self.in_flight: InFlight | None = None
+        self.steps = 0  # steps launched
+        self.steps_ahead = 0  # of those, planned while the one before was still in flight
         self.released: list[str] = []  # sequences whose runner state goes with the next plan
         self.inbox: queue.Queue = queue.Queue()
         self.emit: Callable[[list[RequestOutput]], None] = lambda outputs: None
         self.listeners: list[Callable[[StepStats], None]] = []
         self.healthy = True
+
+    def _async_scheduling(self, config: EngineConfig) -> bool:
+        """Plan and launch step N+1 while the GPU runs step N (vLLM v1's async scheduling): the host's per-step work
+        (scheduling, inputs, reading back, detokenizing, emitting) then overlaps the forward. Needs a runner that
+        takes a row's last id from the device (the native one, in this process); default: on CUDA."""
+        able = getattr(self.runner, "reads_device_tokens", False)
+        wanted = config.async_scheduling
+        if wanted is None:
+            return able and self.loaded.device.type == "cuda"
+        if wanted and not able:
+            log.info("async scheduling: not with this runner (the native engine in one process has it)")
+        return wanted and able
 
     # ---- messages in -------------------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -150,7 +185,7 @@ class EngineCore:
         try:
             while True:
                 try:
-                    idle = not self.scheduler.running and not self.scheduler.waiting
+                    idle = not self.scheduler.running and not self.scheduler.waiting and self.in_flight is None
                     if not self._drain_inbox(block=idle):
                         return
                     self.step()
@@ -249,6 +284,9 @@ class EngineCore:
 
     # ---- one step ------------------------------------------------------------------------------------------
     def step(self) -> None:
+        """Schedule and launch a step, then read back the one launched before it (async scheduling) or this one."""
+        if self.in_flight is not None and not self._can_plan_ahead():
+            self._finish(self._take_in_flight())
         counters = (self.kv.counters.queries, self.kv.counters.hits) if self.runner.paged else (0, 0)
         sched = self.scheduler.schedule()  # admissions look prompts up in the prefix cache
         expired = self.scheduler.expired(time.monotonic())  # after scheduling: a request that reached a batch
@@ -264,18 +302,41 @@ class EngineCore:
             if not seq.input_details_sent:  # a prompt preempted mid-prefill is scored again from its start
                 seq.input_details = []
         if not sched.rows:
+            if self.in_flight is not None:
+                self._finish(self._take_in_flight())
             if self.released:
                 self.runner.execute(StepPlan([], self._take_released()))
             return
-        self._run(sched, counters)
+        launched = self._launch(sched, counters)
+        previous, self.in_flight = self.in_flight, launched
+        if previous is not None:
+            self.steps_ahead += 1
+            self._finish(previous)
+        if not self.plan_ahead and self.in_flight is not None:
+            self._finish(self._take_in_flight())
+
+    def _can_plan_ahead(self) -> bool:
+        """Whether the next step may be planned before the in-flight one is read back: only when nothing in it needs
+        the in-flight ids on the host. A grammar must accept its token before it masks the next one, and a preempted
+        sequence must not have a token in flight, so every running sequence needs room for its next token."""
+        running = self.scheduler.running
+        return (self.plan_ahead and self.kv.num_free >= len(running)
+                and not any(s.guide is not None for s in running))
+
+    def _take_in_flight(self) -> InFlight:
+        step, self.in_flight = self.in_flight, None
+        return step
 
     def _take_released(self) -> list[str]:
         released, self.released = self.released, []
         return released
 
-    def _run(self, sched: Scheduled, counters: tuple[int, int]) -> None:
+    def _launch(self, sched: Scheduled, counters: tuple[int, int]) -> InFlight | None:
+        """Plan, run and sample a step without waiting for the device; None if the forward failed."""
         t0 = time.monotonic()
-        plan = StepPlan([self._row_plan(seq, n) for seq, n in sched.rows], self._take_released())
+        prev = self.in_flight
+        plan = StepPlan([self._row_plan(seq, n) for seq, n in sched.rows], self._take_released(),
+                        prev_tokens=prev.chosen if prev is not None else None)
         prompt_rows = [r for r in plan.rows if not r.is_decode]
         stats = StepStats("prefill" if prompt_rows else "next_token", len(plan.rows), preempted=len(sched.preempted),
                           prompt_rows=len(prompt_rows), decode_rows=len(plan.rows) - len(prompt_rows),
@@ -293,28 +354,42 @@ class EngineCore:
             output = self.runner.execute(plan)
         except Exception as exc:  # noqa: BLE001 - a failed forward fails the rows it computed (TGIS §2.4)
             self._fail(seqs, stats, exc)
-            return
-        t1 = time.monotonic()
+            return None
         for seq, n in sched.rows:
             seq.num_computed += n
             seq.runner_has_state = True
             self.kv.commit(seq)
-        outputs = self._sample_and_advance(sched.rows, plan, output, t0)
-        self._leave([s for s in seqs if s.status is SeqStatus.FINISHED or s.aborted])
-        self.emit(outputs)
-        if self.config.debug_checks and self.runner.paged:
-            self.kv.check(self.scheduler.running + list(self.scheduler.waiting))
-        t2 = time.monotonic()
-        stats.forward_s, stats.tokproc_s, stats.duration_s = t1 - t0, t2 - t1, t2 - t0
-        self._publish(stats)
+        self.steps += 1
+        step = InFlight(self.steps, sched.rows, plan, output, stats, t0, time.monotonic())
+        logit_rows: list[int] = []  # output.logits has one row per sampled plan row, in plan order
+        position = 0
+        for (seq, _), row in zip(sched.rows, plan.rows, strict=True):
+            if row.sample:
+                if seq.status is SeqStatus.RUNNING:
+                    step.sampled.append(seq)
+                    logit_rows.append(position)
+                position += 1
+        if step.sampled:
+            logits = output.logits
+            if len(logit_rows) != position:
+                logits = logits[to_device(logit_rows, torch.long, logits.device)]
+            step.chosen, step.read = self._sample(logits, step.sampled)
+            for i, seq in enumerate(step.sampled):
+                seq.pending = (step.number, i)
+        return step
 
     def _row_plan(self, seq: Sequence, n: int) -> RowPlan:
         start, new = seq.num_computed, not seq.runner_has_state
         prefix = seq.request.prefix
-        row = RowPlan(seq.id, seq.tokens[start:start + n], start, sample=start + n == len(seq.tokens),
+        tokens = seq.tokens[start:start + n]
+        pending = -1
+        if len(tokens) < n:  # the last one is still on the device, sampled by the step in flight
+            tokens.append(0)
+            pending = seq.pending[1]
+        row = RowPlan(seq.id, tokens, start, sample=start + n == seq.num_tokens,
                       prompt_logits=seq.wants_input_details and self.start_id is None, new=new,
                       new_blocks=seq.blocks[seq.sent_blocks:], reused_blocks=start // self.config.block_size if new
-                      else 0)
+                      else 0, pending=pending)
         seq.sent_blocks = len(seq.blocks)
         if new:
             row.encoder_ids = seq.encoder_ids
@@ -323,48 +398,52 @@ class EngineCore:
                 row.decoder_prefix, row.encoder_prefix = prefix.decoder, prefix.encoder
         return row
 
-    def _sample_and_advance(self, rows: list[tuple[Sequence, int]], plan: StepPlan, output: ModelOutput,
-                            started: float) -> list[RequestOutput]:
-        """Input-token details of prompt rows, then one token for every sampled row. What fails for one request
-        (its details, its sampling parameters, its text, its grammar) fails that request alone."""
+    def _finish(self, step: InFlight) -> None:
+        """Read a launched step back: input-token details of its prompt rows, then one token for every sampled
+        sequence still running (one that finished or left meanwhile computed a token nobody gets), then emit. What
+        fails for one request (its details, its sampling parameters, its text, its grammar) fails it alone."""
+        t1 = time.monotonic()
         outputs: list[RequestOutput] = []
-        sampled: list[Sequence] = []
-        logit_rows: list[int] = []  # output.logits has one row per sampled plan row, in plan order
-        position = 0
-        for (seq, _), row in zip(rows, plan.rows, strict=True):
-            if row.prompt_logits:
+        for (seq, _), row in zip(step.rows, step.plan.rows, strict=True):
+            if row.prompt_logits and seq.status is SeqStatus.RUNNING:
                 try:
-                    self._collect_input_details(seq, row, output.prompt_logits[row.seq_id])
+                    self._collect_input_details(seq, row, step.output.prompt_logits[row.seq_id])
                 except Exception:  # noqa: BLE001
                     log.exception("input-token details failed for request %s", seq.id)
                     self._failed(seq, "scoring the input tokens failed", outputs)
-            if row.sample:
-                if seq.status is SeqStatus.RUNNING:
-                    sampled.append(seq)
-                    logit_rows.append(position)
-                position += 1
-        if not sampled:
-            return outputs
-        logits = output.logits if len(logit_rows) == position else output.logits[logit_rows]
-        tokens, details = self._sample(logits, sampled)
-        now = time.monotonic()
-        for i, seq in enumerate(sampled):
-            if tokens[i] is None:  # this request's own parameters broke sampling
-                self._failed(seq, "sampling failed for this request's parameters", outputs)
-                continue
-            try:
-                out = self._advance(seq, tokens[i], details[i], now)
-            except (DetokenizationError, GrammarRejected) as exc:  # fails this request alone (spec §3.2)
-                seq.status = SeqStatus.FINISHED
-                stage = "detokenization" if isinstance(exc, DetokenizationError) else "generation"
-                out = RequestOutput(seq.id, generated_token_count=len(seq.generated), finished=True,
-                                    stop_reason=StopReason.ERROR, error=str(exc), error_stage=stage)
-            if seq.params.input_tokens and not seq.input_details_sent:
-                out.input_tokens = self._input_details(seq)
-                seq.input_details_sent = True
-            if not seq.aborted:
-                outputs.append(out)
-        return outputs
+        if step.sampled:
+            tokens, details = step.read()
+            now = time.monotonic()
+            for i, seq in enumerate(step.sampled):
+                if seq.pending == (step.number, i):
+                    seq.pending = None
+                if seq.status is not SeqStatus.RUNNING or seq.aborted:
+                    continue
+                if tokens[i] is None:  # this request's own parameters broke sampling
+                    self._failed(seq, "sampling failed for this request's parameters", outputs)
+                    continue
+                outputs.append(self._advance_safely(seq, tokens[i], details[i], now))
+        self._leave([s for s, _ in step.rows if s.status is SeqStatus.FINISHED and s.runner_has_state])
+        self.emit(outputs)
+        if self.config.debug_checks and self.runner.paged:
+            self.kv.check(self.scheduler.running + list(self.scheduler.waiting))
+        t2 = time.monotonic()
+        stats = step.stats
+        stats.forward_s, stats.tokproc_s, stats.duration_s = step.launched - step.started, t2 - t1, t2 - step.started
+        self._publish(stats)
+
+    def _advance_safely(self, seq: Sequence, token: int, detail: TokenDetail | None, now: float) -> RequestOutput:
+        try:
+            out = self._advance(seq, token, detail, now)
+        except (DetokenizationError, GrammarRejected) as exc:  # fails this request alone (spec §3.2)
+            seq.status = SeqStatus.FINISHED
+            stage = "detokenization" if isinstance(exc, DetokenizationError) else "generation"
+            out = RequestOutput(seq.id, generated_token_count=len(seq.generated), finished=True,
+                                stop_reason=StopReason.ERROR, error=str(exc), error_stage=stage)
+        if seq.params.input_tokens and not seq.input_details_sent:
+            out.input_tokens = self._input_details(seq)
+            seq.input_details_sent = True
+        return out
 
     def _failed(self, seq: Sequence, detail: str, outputs: list[RequestOutput]) -> None:
         """One request fails alone; a client that already went away gets nothing."""
@@ -372,14 +451,29 @@ class EngineCore:
         if not seq.aborted:
             outputs.append(self._error_output(seq, detail))
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int | None], list]:
-        """Sample the batch; if that raises, each row alone, so that only rows that fail by themselves fail."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """Queue the batch's sampling: (the ids on the device, how to read ids and details back). If the batch
+        raises, each row alone, so that only rows that fail by themselves fail (their id: None)."""
         rows = [self._sampler_row(s) for s in seqs]
         try:
-            result = self.sampler(logits, rows)
-            return result.token_ids, result.details
+            sampled = self.sampler.launch(logits, rows)
         except Exception:  # noqa: BLE001 - isolate the row at fault
             log.exception("sampling failed for a batch of %d; retrying row by row", len(rows))
+            tokens, details = self._sample_rows(logits, rows, seqs)
+            chosen = to_device([t or 0 for t in tokens], torch.long, logits.device)
+            return chosen, lambda: (tokens, details)
+
+        def read() -> tuple[list[int | None], list]:
+            try:
+                result: SampleResult = sampled.result()
+                return result.token_ids, result.details
+            except Exception:  # noqa: BLE001
+                log.exception("reading back a batch of %d failed; sampling row by row", len(rows))
+                return self._sample_rows(logits, rows, seqs)
+
+        return sampled.chosen, read
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplerRow], seqs: list[Sequence]):
         tokens: list[int | None] = []
         details: list = []
         for i, row in enumerate(rows):
@@ -396,7 +490,9 @@ class EngineCore:
     def _sampler_row(self, seq: Sequence) -> SamplerRow:
         if seq.params.repetition_penalty != 1.0 and seq.history is None:
             seq.history = TokenHistory(seq.tokens, self.loaded.vocab_size, self.loaded.device)
-        return SamplerRow(seq.params, len(seq.generated), seq.history, seq.generator, seq.guide)
+        # an id still in flight counts as generated (min_new_tokens, the length penalty)
+        return SamplerRow(seq.params, len(seq.generated) + (seq.pending is not None), seq.history, seq.generator,
+                          seq.guide)
 
     def _collect_input_details(self, seq: Sequence, row: RowPlan, logits: torch.Tensor) -> None:
         """Input-token details of the prompt positions this chunk scored (position i scores token i + 1)."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from runtime.engine.staging import to_device
 from runtime.models.native.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ class DecodeGraphs:
         self.tables = torch.zeros(top, width, dtype=torch.int32, device=dev)
         self.lens = torch.ones(top, dtype=torch.int32, device=dev)
         self.query_start = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self.host = torch.zeros(4, top, dtype=torch.long, pin_memory=capture)  # ids, positions, table rows, lengths
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         if capture:
@@ -83,19 +83,17 @@ class DecodeGraphs:
         """Logits [B, V] of a decode-only plan."""
         b = len(plan.rows)
         size = next(s for s in self.sizes if s >= b)
-        host = self.host
-        host[0, :b] = torch.tensor([r.tokens[0] for r in plan.rows])
-        host[1, :b] = torch.tensor([r.start for r in plan.rows])
-        host[2, :b] = torch.tensor([s.row for s in states])
-        host[3, :b] = host[1, :b] + 1
-        dev = host[:, :size].to(self.runner.device, non_blocking=True)
         runner = self.runner
-        self.ids[:b], self.positions[:b] = dev[0, :b], dev[1, :b]
-        tables = runner.block_table[dev[2, :b]]
+        # ids, positions, table rows: a fresh pinned block per step (the previous step's copy may still be queued)
+        dev = to_device([[r.tokens[0] for r in plan.rows], [r.start for r in plan.rows], [s.row for s in states]],
+                        torch.long, runner.device)
+        self.ids[:b], self.positions[:b] = dev[0], dev[1]
+        plan.take_pending(self.ids, list(range(b)))
+        tables = runner.block_table[dev[2]]
         self.tables[:b] = tables
         bs = runner.block_size
-        self.slots[:b] = tables.gather(1, (dev[1, :b] // bs)[:, None]).squeeze(1).long() * bs + dev[1, :b] % bs
-        self.lens[:b] = dev[3, :b].to(torch.int32)
+        self.slots[:b] = tables.gather(1, (dev[1] // bs)[:, None]).squeeze(1).long() * bs + dev[1] % bs
+        self.lens[:b] = (dev[1] + 1).to(torch.int32)
         if size > b:  # padding rows: one token of the null block
             self.ids[b:size] = 0
             self.positions[b:size] = 0

@@ -102,7 +102,7 @@ class PagedKVManager:
         return True
 
     def grow(self, seq: Sequence) -> bool:
-        if len(seq.blocks) >= self.blocks_for(len(seq.tokens)):
+        if len(seq.blocks) >= self.blocks_for(seq.num_tokens):
             return True
         if not self.num_free:
             return False
@@ -111,11 +111,12 @@ class PagedKVManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks `seq` filled (a block already cached under the same hash by a sequence computed at
-        the same time keeps its place; ours stays private)."""
+        the same time keeps its place; ours stays private). A block whose last id is still on the device (async
+        scheduling) waits for the next commit."""
         if not self.prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+        for i in range(len(seq.block_hashes), min(seq.num_computed, len(seq.tokens)) // bs):
             tokens = tuple(seq.tokens[i * bs:(i + 1) * bs])
             h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens, seq.cache_salt)
             seq.block_hashes.append(h)

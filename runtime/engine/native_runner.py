@@ -17,6 +17,7 @@ import torch.distributed as dist
 from runtime.engine.config import EngineConfig
 from runtime.engine.kv_cache import free_memory_bytes
 from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
+from runtime.engine.staging import to_device
 from runtime.models.loader import LoadedModel
 from runtime.models.native.attention import AttentionMetadata, TorchAttention
 from runtime.models.native.llama import NativeCausalLM
@@ -58,6 +59,7 @@ def attention_backend(config: EngineConfig, device: torch.device):
 class NativeRunner:
     paged = True
     chunked_prefill = True
+    reads_device_tokens = True  # takes a row's last id from the previous step's device tensor (async scheduling)
     failure: str | None = None
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
@@ -221,10 +223,10 @@ class NativeRunner:
                 if i >= row.reused_blocks:
                     fresh.append(block)
         if blocks:
-            self.block_table[torch.tensor(index_rows), torch.tensor(index_cols)] = torch.tensor(
-                blocks, dtype=torch.int32).to(self.device)
+            where = to_device([index_rows, index_cols], torch.long, self.device)
+            self.block_table[where[0], where[1]] = to_device(blocks, torch.int32, self.device)
         if fresh:  # the unwritten slots of a partly filled block are read (masked): they must hold finite values
-            self.caches.index_fill_(2, torch.tensor(fresh).to(self.device), 0)
+            self.caches.index_fill_(2, to_device(fresh, torch.long, self.device), 0)
 
     def inputs(self, plan: StepPlan, states: list[_SeqState]) -> StepInputs:
         """Token ids, positions, cache slots and attention metadata of a plan: O(rows + new tokens) on the host,
@@ -238,15 +240,17 @@ class NativeRunner:
             query_start.append(query_start[-1] + n)
         sample = [query_start[i + 1] - 1 for i, r in enumerate(rows) if r.sample]
         num_decodes = sum(1 for r in rows if r.is_decode)
-        packed = torch.tensor([r.start for r in rows] + [s.row for s in states] + seq_lens + query_start + sample,
-                              dtype=torch.int32).to(self.device, non_blocking=True)
-        ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long).to(self.device, non_blocking=True)
-        starts, table_rows, seq_lens_t, query_start_t, sample_index = packed.split([b, b, b, b + 1, len(sample)])
+        packed = to_device([r.start for r in rows] + [s.row for s in states] + seq_lens + query_start + sample + lens,
+                           torch.int32, self.device)
+        ids = to_device([t for r in rows for t in r.tokens], torch.long, self.device)
+        plan.take_pending(ids, [q - 1 for q in query_start[1:]])
+        starts, table_rows, seq_lens_t, query_start_t, sample_index, lens_t = packed.split(
+            [b, b, b, b + 1, len(sample), b])
         if num_decodes == b:
             positions, row_of_token = starts.long(), torch.arange(b, device=self.device)
         else:
-            row_of_token = torch.repeat_interleave(torch.arange(b, device=self.device),
-                                                   torch.tensor(lens).to(self.device), output_size=len(ids))
+            row_of_token = torch.repeat_interleave(torch.arange(b, device=self.device), lens_t.long(),
+                                                   output_size=len(ids))
             offset = torch.arange(len(ids), device=self.device) - query_start_t[:-1].long()[row_of_token]
             positions = starts.long()[row_of_token] + offset
         table_rows = table_rows.long()
@@ -281,7 +285,7 @@ class NativeRunner:
         if not any(s.lora_slot >= 0 for s in states):
             return None
         slots = [s.lora_slot for r, s in zip(rows, states, strict=True) for _ in r.tokens]
-        return torch.tensor(slots, dtype=torch.long).to(self.device)
+        return to_device(slots, torch.long, self.device)
 
     @staticmethod
     def _write_prefixes(x: torch.Tensor, rows: list[RowPlan], states: list[_SeqState],

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.engine.lora import LoraRef
+from runtime.engine.staging import to_device
 
 
 @dataclass
@@ -36,6 +37,9 @@ class RowPlan:
     decoder_prefix: torch.Tensor | None = None  # new rows: prompt-tuning embeddings of the first positions
     encoder_prefix: torch.Tensor | None = None
     lora: LoraRef | None = None  # new rows: the sequence's adapter
+    # async scheduling: the row's last token was sampled by the step still in flight and is only on the device:
+    # `tokens[-1]` is a placeholder, the id is `StepPlan.prev_tokens[pending]`
+    pending: int = -1
 
     @property
     def is_decode(self) -> bool:
@@ -49,10 +53,18 @@ class StepPlan:
 
     rows: list[RowPlan]
     released: list[str] = field(default_factory=list)
+    prev_tokens: torch.Tensor | None = None  # the in-flight step's sampled ids, on the device (rows' `pending`)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(r.tokens) for r in self.rows)
+
+    def take_pending(self, ids: torch.Tensor, offsets: list[int]) -> None:
+        """Write the rows' in-flight ids into `ids` (row i's last token at `offsets[i]`), device to device."""
+        pairs = [(offsets[i], r.pending) for i, r in enumerate(self.rows) if r.pending >= 0]
+        if pairs:
+            index = to_device(pairs, torch.long, ids.device)
+            ids[index[:, 0]] = self.prev_tokens[index[:, 1]]
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 
 from runtime.engine.guided import GrammarState, apply_grammars
 from runtime.engine.request import GenerationParams, TokenDetail, TopToken
+from runtime.engine.staging import to_device
 
 NEG_INF = float("-inf")
 INPUT_CHUNK = 256  # prompt positions scored at once: bounds the [chunk, V] temporaries for long prompts
@@ -36,10 +37,14 @@ class TokenHistory:
         self.vocab_size = vocab_size
         self.mask = torch.zeros(vocab_size + 1, dtype=torch.bool, device=device)
         if ids:
-            self.mask[torch.tensor(ids, dtype=torch.long).clamp_(max=vocab_size).to(device)] = True
+            self.mask[to_device(ids, torch.long, device).clamp_(max=vocab_size)] = True
 
     def append(self, token: int) -> None:
         self.mask[min(token, self.vocab_size)] = True
+
+    def mark(self, token: torch.Tensor) -> None:
+        """A sampled id still on the device (always inside the vocabulary): no host round trip."""
+        self.mask.index_fill_(0, token, True)
 
 
 @dataclass
@@ -65,7 +70,11 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 def _column(values: list[float], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-row parameters as a [B, 1] tensor on the scores' device (one host-to-device copy)."""
-    return torch.tensor(values, dtype=dtype or like.dtype).to(like.device, non_blocking=True).unsqueeze(1)
+    return to_device(values, dtype or like.dtype, like.device).unsqueeze(1)
+
+
+def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    return to_device(rows, torch.long, like.device)
 
 
 def _decay(decay: float, power: int) -> float:
@@ -89,13 +98,13 @@ def _eos_adjust(scores: torch.Tensor, rows: list[SamplerRow], eos: int) -> None:
                 penalised.append(i)
                 factors.append(_decay(decay, r.num_generated - start))
     if penalised:
-        idx = torch.tensor(penalised, device=scores.device)
+        idx = _index(penalised, scores)
         e = scores[idx, eos]
-        penalty = (e.abs() * torch.tensor(factors, dtype=scores.dtype).to(scores.device)).nan_to_num_(nan=0.0)
+        penalty = (e.abs() * to_device(factors, scores.dtype, scores.device)).nan_to_num_(nan=0.0)
         raised = (e + penalty.masked_fill(~e.isfinite(), 0.0)).clamp_(max=torch.finfo(scores.dtype).max)
         scores[idx, eos] = raised  # ±inf scores stay put instead of turning NaN
     if masked:
-        scores[torch.tensor(masked, device=scores.device), eos] = NEG_INF
+        scores[_index(masked, scores), eos] = NEG_INF
 
 
 def _repetition_penalty(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
@@ -145,7 +154,7 @@ def _on_rows(scores: torch.Tensor, rows: list[int], warp, values: list) -> torch
     """Apply a warper to a subset of rows only: disabled rows must stay bit-identical and cost nothing."""
     if len(rows) == scores.shape[0]:
         return warp(scores, values)
-    idx = torch.tensor(rows, device=scores.device)
+    idx = _index(rows, scores)
     scores[idx] = warp(scores[idx], values)
     return scores
 
@@ -174,7 +183,7 @@ def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     samp = [i for i, r in enumerate(rows) if r.params.sampling]
     if not samp:
         return chosen
-    idx = torch.tensor(samp, device=scores.device)
+    idx = _index(samp, scores)
     probs = scores[idx].softmax(dim=1)
     noise = torch.empty_like(probs)
     for j, i in enumerate(samp):
@@ -230,14 +239,38 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
     return details
 
 
+@dataclass
+class Sampled:
+    """A batch's chosen ids, still on the device: the next step can read them before the host does (async
+    scheduling). `result()` makes the step's one device-to-host transfer and the token details."""
+
+    chosen: torch.Tensor
+    scores: torch.Tensor  # the processed scores the ids were chosen from
+    params: list[GenerationParams]
+
+    def result(self) -> SampleResult:
+        tokens = self.chosen.tolist()
+        want = [i for i, p in enumerate(self.params) if p.generated_tokens]
+        details: list[TokenDetail | None] = [None] * len(tokens)
+        if len(want) == len(tokens):
+            details = _details(self.scores, self.chosen, self.params)
+        elif want:
+            idx = _index(want, self.scores)
+            picked = _details(self.scores[idx], self.chosen[idx], [self.params[i] for i in want])
+            for i, d in zip(want, picked, strict=True):
+                details[i] = d
+        return SampleResult(tokens, details)
+
+
 class Sampler:
     def __init__(self, eos_token_id: int | None, vocab_size: int):
         self.eos = eos_token_id
         self.vocab_size = vocab_size
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
-        """logits: [B, V] last-position logits, any float dtype and device; processing is float32. Columns past
-        vocab_size (padded embedding rows in some checkpoints) are never chosen."""
+    def launch(self, logits: torch.Tensor, rows: list[SamplerRow]) -> Sampled:
+        """Queue the step's sampling on the device without waiting for it. logits: [B, V] last-position logits, any
+        float dtype and device; processing is float32. Columns past vocab_size (padded embedding rows in some
+        checkpoints) are never chosen. Repetition-penalty histories take the chosen ids on the device."""
         scores = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         params = [r.params for r in rows]
         if self.eos is not None and any(p.min_new_tokens or p.length_penalty for p in params):
@@ -250,19 +283,13 @@ class Sampler:
         if any(p.sampling for p in params):
             scores = _warp(scores, params)
         chosen = _choose(scores, rows)
-        tokens = chosen.tolist()  # the step's one device-to-host synchronisation
-        for r, token in zip(rows, tokens, strict=True):
+        for i, r in enumerate(rows):
             if r.history is not None:
-                r.history.append(token)
-        want = [i for i, p in enumerate(params) if p.generated_tokens]
-        details: list[TokenDetail | None] = [None] * len(rows)
-        if len(want) == len(rows):
-            details = _details(scores, chosen, params)
-        elif want:
-            idx = torch.tensor(want, device=scores.device)
-            for i, d in zip(want, _details(scores[idx], chosen[idx], [params[i] for i in want]), strict=True):
-                details[i] = d
-        return SampleResult(tokens, details)
+                r.history.mark(chosen[i:i + 1])
+        return Sampled(chosen, scores, params)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
+        return self.launch(logits, rows).result()
 
 
 def input_token_details(logits: torch.Tensor, input_ids: list[int], params: GenerationParams,
@@ -276,7 +303,7 @@ def input_token_details(logits: torch.Tensor, input_ids: list[int], params: Gene
     for a in range(start, stop, INPUT_CHUNK):
         b = min(a + INPUT_CHUNK, stop)
         raw = logits[a - start:b - start].float()
-        targets = torch.tensor(input_ids[a + 1:b + 1]).to(raw.device)
+        targets = to_device(input_ids[a + 1:b + 1], torch.long, raw.device)
         details += _details(raw, targets, [params] * (b - a))
     return details
 

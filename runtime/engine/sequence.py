@@ -46,6 +46,9 @@ class Sequence:
     input_details: list[TokenDetail] = field(default_factory=list)  # accumulated over prompt chunks
     input_details_sent: bool = False
     aborted: bool = False
+    # async scheduling: (step, index) of this sequence's newest sampled id while it is still on the device only
+    # (the step is in flight); `tokens` gets it when the step is read back
+    pending: tuple[int, int] | None = None
 
     @property
     def id(self) -> str:
@@ -60,8 +63,13 @@ class Sequence:
         return self.params.max_new_tokens - len(self.generated)
 
     @property
+    def num_tokens(self) -> int:
+        """`tokens` and the sampled id still in flight."""
+        return len(self.tokens) + (self.pending is not None)
+
+    @property
     def to_compute(self) -> int:
-        return len(self.tokens) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def encoder_length(self) -> int:

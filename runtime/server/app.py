@@ -112,6 +112,7 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
         max_waiting_tokens=config.max_waiting_tokens, max_num_batched_tokens=config.max_num_batched_tokens,
         chunked_prefill=config.chunked_prefill, prefix_caching=config.prefix_caching, engine=config.effective_engine,
         cuda_graphs=config.cuda_graphs, compile=config.pt2_compile, load_format=config.load_format,
+        async_scheduling=config.async_scheduling,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
         output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code,
         tensor_parallel_size=config.world_size, tensor_parallel_method=config.effective_tensor_parallel_method,
