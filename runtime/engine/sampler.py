@@ -97,14 +97,15 @@ def _eos_adjust(scores: torch.Tensor, rows: list[SamplerRow], eos: int) -> None:
             if r.num_generated - start > 0:
                 penalised.append(i)
                 factors.append(_decay(decay, r.num_generated - start))
+    column = scores[:, eos]  # a view: indexed through device tensors only (a host index would synchronise)
     if penalised:
         idx = _index(penalised, scores)
-        e = scores[idx, eos]
+        e = column.index_select(0, idx)
         penalty = (e.abs() * to_device(factors, scores.dtype, scores.device)).nan_to_num_(nan=0.0)
         raised = (e + penalty.masked_fill(~e.isfinite(), 0.0)).clamp_(max=torch.finfo(scores.dtype).max)
-        scores[idx, eos] = raised  # ±inf scores stay put instead of turning NaN
+        column.index_copy_(0, idx, raised)  # ±inf scores stay put instead of turning NaN
     if masked:
-        scores[_index(masked, scores), eos] = NEG_INF
+        column.index_fill_(0, _index(masked, scores), NEG_INF)
 
 
 def _repetition_penalty(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
@@ -194,13 +195,14 @@ def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     return chosen
 
 
-def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[GenerationParams]) -> list[TokenDetail]:
+def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[GenerationParams],
+             ids: list[int] | None = None) -> list[TokenDetail]:
     """Token info of `tokens` [N] against `scores` [N, V] (§1.9). For generated tokens `scores` is the distribution
     the token was chosen from: after the penalties, the grammar mask of a guided row (forbidden tokens are -inf, so
     logprobs are renormalised over what the grammar allows) and, when sampling, the warpers: TGIS' "final processed
     scores". Logprob from their log-softmax, 1-based rank (1 + count strictly greater), top-n = all ids ≥ the n-th
     best (ties, at most 4n, vocabulary order), sorted by (logprob desc, id asc) only when logprobs were asked. One
-    device-to-host transfer per field."""
+    device-to-host transfer per field (`ids`: `tokens` already on the host)."""
     vocab = scores.shape[1]
     lp_rows = [p.token_logprobs for p in params]
     ns = [min(p.top_n_tokens, vocab) for p in params]
@@ -227,7 +229,7 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
         for row, token, lp in zip(r.tolist(), c.tolist(), values, strict=True):
             tops[row].append(TopToken(token, lp if lp_rows[row] else None))
     details = []
-    for i, (p, token) in enumerate(zip(params, tokens.tolist(), strict=True)):
+    for i, (p, token) in enumerate(zip(params, tokens.tolist() if ids is None else ids, strict=True)):
         d = TokenDetail(token)
         if p.token_logprobs:
             d.logprob = chosen_lp[i]
@@ -242,21 +244,37 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
 @dataclass
 class Sampled:
     """A batch's chosen ids, still on the device: the next step can read them before the host does (async
-    scheduling). `result()` makes the step's one device-to-host transfer and the token details."""
+    scheduling). On CUDA their copy to pinned host memory is queued right behind the sampling, so `result()` waits
+    for this step only, never for a step launched after it; it also makes the token details (logprobs, ranks and
+    top-n tokens are computed then: steps with such rows are read back before the next one is launched)."""
 
     chosen: torch.Tensor
     scores: torch.Tensor  # the processed scores the ids were chosen from
     params: list[GenerationParams]
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> None:
+        if self.chosen.is_cuda:
+            self.host = torch.empty(self.chosen.shape, dtype=self.chosen.dtype, pin_memory=True)
+            self.host.copy_(self.chosen, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
 
     def result(self) -> SampleResult:
-        tokens = self.chosen.tolist()
+        if self.ready is not None:
+            self.ready.synchronize()
+            tokens = self.host.tolist()
+        else:
+            tokens = self.chosen.tolist()
         want = [i for i, p in enumerate(self.params) if p.generated_tokens]
         details: list[TokenDetail | None] = [None] * len(tokens)
         if len(want) == len(tokens):
-            details = _details(self.scores, self.chosen, self.params)
+            details = _details(self.scores, self.chosen, self.params, tokens)
         elif want:
             idx = _index(want, self.scores)
-            picked = _details(self.scores[idx], self.chosen[idx], [self.params[i] for i in want])
+            picked = _details(self.scores[idx], self.chosen[idx], [self.params[i] for i in want],
+                              [tokens[i] for i in want])
             for i, d in zip(want, picked, strict=True):
                 details[i] = d
         return SampleResult(tokens, details)
@@ -286,7 +304,9 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.history is not None:
                 r.history.mark(chosen[i:i + 1])
-        return Sampled(chosen, scores, params)
+        sampled = Sampled(chosen, scores, params)
+        sampled.copy_to_host()
+        return sampled
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
         return self.launch(logits, rows).result()
