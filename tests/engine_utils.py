@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,47 @@ def run(engine: AsyncEngine, reqs: list[EngineRequest], join_after_steps: list[i
         return asyncio.run(asyncio.wait_for(main(), timeout=240))
     finally:
         engine.listeners.pop()
+
+
+def break_sampling(monkeypatch, top_k: int = 13) -> None:
+    """Sampling raises for every batch that holds a row with this top_k (stands for any parameter combination that
+    raises)."""
+    from runtime.engine.sampler import Sampler
+
+    original = Sampler.launch
+
+    def fragile(self, logits, rows):
+        if any(r.params.top_k == top_k for r in rows):
+            raise RuntimeError("boom")
+        return original(self, logits, rows)
+
+    monkeypatch.setattr(Sampler, "launch", fragile)
+
+
+def cancellation_storm(engine: AsyncEngine, prompts: list[str], streams: int, seed: int, max_stop: int) -> None:
+    """`streams` requests of 200 forced tokens, each cancelled by its client after 0..max_stop tokens; returns once
+    the engine has applied every abort (they are messages): nothing running, waiting or in flight."""
+    rng = random.Random(seed)
+    core = engine.core
+
+    async def one(i: int) -> None:
+        text = prompts[i % len(prompts)] * (1 + i % 4)
+        gen = engine.generate(request(engine, text, max_new_tokens=200, min_new_tokens=200))
+        stop_at = rng.randint(0, max_stop)
+        async for out in gen:
+            if out.generated_token_count >= stop_at:
+                break
+        await gen.aclose()
+
+    async def storm() -> None:
+        await asyncio.gather(*(one(i) for i in range(streams)))
+        for _ in range(200):
+            if not core.scheduler.running and not core.scheduler.waiting and core.in_flight is None:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(storm(), 120))
+    assert not core.scheduler.running and not core.scheduler.waiting and core.in_flight is None
 
 
 _references: dict[tuple[str, torch.dtype], torch.nn.Module] = {}

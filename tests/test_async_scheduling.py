@@ -5,18 +5,14 @@ path is the one the GPU runs: rows whose last id is still a device tensor of the
 
 from __future__ import annotations
 
-import asyncio
-import random
-
 import pytest
 import torch
-from engine_utils import engine_cache, hf_greedy, request, run
+from engine_utils import break_sampling, cancellation_storm, engine_cache, hf_greedy, request, run
 from test_engine import MAX_NEW, PROMPTS
 
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.guided_spec import guided_spec
 from runtime.engine.request import StopReason
-from runtime.engine.sampler import Sampler
 
 DETAILS = dict(generated_tokens=True, token_logprobs=True, token_ranks=True, top_n_tokens=3)
 
@@ -136,14 +132,7 @@ def test_guided_rows_wait_for_their_tokens_and_match(engines):
 
 def test_a_row_that_breaks_sampling_fails_alone(engines, monkeypatch):
     _, ahead = both(engines)
-    original = Sampler.launch
-
-    def fragile(self, logits, rows):
-        if any(r.params.top_k == 13 for r in rows):
-            raise RuntimeError("boom")
-        return original(self, logits, rows)
-
-    monkeypatch.setattr(Sampler, "launch", fragile)
+    break_sampling(monkeypatch)
     bad = request(ahead, PROMPTS[2], max_new_tokens=8, temperature=0.9, top_k=13, seed=1)
     good = [request(ahead, t, max_new_tokens=8) for t in PROMPTS[3:6]]
     results = run(ahead, [bad, *good])
@@ -154,27 +143,8 @@ def test_a_row_that_breaks_sampling_fails_alone(engines, monkeypatch):
 
 def test_cancellations_while_a_step_is_in_flight_return_every_block(engines):
     _, ahead = both(engines, max_batch_size=12, prefix_caching=False)
-    rng = random.Random(1)
-
-    async def one(i: int) -> None:
-        gen = ahead.generate(request(ahead, PROMPTS[i % 10] * (1 + i % 3), max_new_tokens=200, min_new_tokens=200))
-        stop_at = rng.randint(0, 8)
-        async for out in gen:
-            if out.generated_token_count >= stop_at:
-                break
-        await gen.aclose()
-
-    async def storm() -> None:
-        await asyncio.gather(*(one(i) for i in range(30)))
-        for _ in range(200):
-            core = ahead.core
-            if not core.scheduler.running and not core.scheduler.waiting and core.in_flight is None:
-                break
-            await asyncio.sleep(0.01)
-
-    asyncio.run(asyncio.wait_for(storm(), 120))
+    cancellation_storm(ahead, PROMPTS, streams=30, seed=1, max_stop=8)
     core = ahead.core
-    assert not core.scheduler.running and not core.scheduler.waiting and core.in_flight is None
     core.kv.check([])
     assert core.kv.num_free == core.kv.num_blocks - 1
     assert not core.runner.states, "every sequence's runner row was released"

@@ -8,13 +8,12 @@ import asyncio
 import time
 
 import pytest
-from engine_utils import hf_greedy, request, run
+from engine_utils import break_sampling, hf_greedy, request, run
 from test_engine import PROMPTS
 
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
 from runtime.engine.request import EngineRequest, GenerationParams, StopReason
-from runtime.engine.sampler import Sampler
 
 
 @pytest.fixture(scope="module", params=["native", "transformers"])
@@ -35,14 +34,7 @@ def test_a_huge_length_penalty_ends_its_request_with_eos_and_leaves_others_alone
 
 
 def test_a_row_that_breaks_sampling_fails_alone(engine, monkeypatch):
-    original = Sampler.launch
-
-    def fragile(self, logits, rows):
-        if any(r.params.top_k == 13 for r in rows):  # stands for any parameter combination that raises
-            raise RuntimeError("boom")
-        return original(self, logits, rows)
-
-    monkeypatch.setattr(Sampler, "launch", fragile)
+    break_sampling(monkeypatch)
     bad = request(engine, PROMPTS[2], max_new_tokens=8, temperature=0.9, top_k=13, seed=1)
     good = [request(engine, t, max_new_tokens=8) for t in PROMPTS[3:6]]
     results = run(engine, [bad, *good])

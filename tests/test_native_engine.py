@@ -5,12 +5,9 @@ the KV block invariants after each step (`debug_checks`)."""
 
 from __future__ import annotations
 
-import asyncio
-import random
-
 import pytest
 import torch
-from engine_utils import engine_cache, hf_greedy, reference_model, request, run
+from engine_utils import cancellation_storm, engine_cache, hf_greedy, reference_model, request, run
 from lora_utils import write_lora
 from models import NATIVE
 from test_engine import MAX_NEW, PROMPTS
@@ -139,26 +136,7 @@ def test_preemption_and_recomputation_give_the_same_tokens(engines):
 
 def test_cancellation_storm_returns_every_block(engines):
     engine = engines("llama", max_batch_size=12, max_num_batched_tokens=32, prefix_caching=False)
-    rng = random.Random(0)
-
-    async def one(i: int) -> None:
-        gen = engine.generate(request(engine, PROMPTS[i % 10] * (1 + i % 4), max_new_tokens=200,
-                                      min_new_tokens=200))
-        stop_at = rng.randint(0, 6)
-        async for out in gen:
-            if out.generated_token_count >= stop_at:
-                break
-        await gen.aclose()
-
-    async def storm() -> None:
-        await asyncio.gather(*(one(i) for i in range(40)))
-        for _ in range(200):  # the aborts are messages: let the engine apply them
-            if not engine.core.scheduler.running and not engine.core.scheduler.waiting:
-                break
-            await asyncio.sleep(0.01)
-
-    asyncio.run(asyncio.wait_for(storm(), 120))
-    assert not engine.core.scheduler.running and not engine.core.scheduler.waiting
+    cancellation_storm(engine, PROMPTS, streams=40, seed=0, max_stop=6)
     assert blocks_all_free(engine)
 
 
