@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from runtime.engine.config import ENGINES, TP_METHODS
+from runtime.engine.config import ENGINES, KV_CACHE_DTYPES, TP_METHODS
 
 DTYPES = ("float32", "float16", "bfloat16", "float", "half")
 # TGIS DEPLOYMENT_FRAMEWORK -> engine; ds_inference also makes DeepSpeed AutoTP split the model over the ranks
@@ -117,6 +117,11 @@ class ServerConfig:
         0.9, "--kv-cache-memory-fraction", env="KV_CACHE_MEMORY_FRACTION", panel=LIMITS,
         help="Share of free device memory the KV cache may use.",
         check=(_fraction, "kv_cache_memory_fraction ({value}) must be in range 0 < x <= 1"))
+    kv_cache_dtype: str = _opt("auto", "--kv-cache-dtype", env="KV_CACHE_DTYPE", panel=LIMITS,
+                               help="auto (the model's dtype) or fp8 (float8 e4m3: twice the tokens in the same "
+                                    "memory, half the bytes read per step; native engine).",
+                               check=(lambda v: v in KV_CACHE_DTYPES, "kv_cache_dtype must be one of " +
+                                      ", ".join(KV_CACHE_DTYPES) + ", not {value}"))
     kv_cache_tokens: int | None = _opt(None, "--kv-cache-tokens", env="KV_CACHE_TOKENS", panel=LIMITS,
                                        help="KV cache capacity in tokens (overrides the memory fraction).",
                                        check=(_positive, "kv_cache_tokens ({value}) must be at least 1"))

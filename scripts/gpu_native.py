@@ -17,7 +17,10 @@ Phases (JSON report, one key each):
 - server: `tgis serve` over gRPC (GenerateStream) at 32 and 128 concurrent streams: TTFT and inter-token latency
   p50/p99, and throughput against the in-process engine on the same workload; `server_join`: the same with joins
   at once.
-- coldstart: a fresh engine's first steps at 32 in flight (joins at once): the steps slower than 0.1 s.
+- coldstart: a fresh engine's first steps at 32 in flight (joins at once): the steps slower than 0.1 s, and the JIT
+  compilations during the run.
+- fp8: `--kv-cache-dtype fp8` against the model's dtype on the small Llama (identical greedy tokens), then the
+  offline workload all at once (TGIS' min-join rule, then joins at once).
 - profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes; batch-1 decode compiled.
 """
 
@@ -83,6 +86,17 @@ def write_model(path: Path, model_type: str, dtype=torch.float32, weights: bool 
 async def _collect(engine, req: EngineRequest, delay: float = 0.0) -> list[int]:
     await asyncio.sleep(delay)
     return [t async for out in engine.generate(req) for t in out.new_token_ids]
+
+
+def token_details(engine, reqs: list[EngineRequest]) -> list[list]:
+    """Each request's generated-token details, all requests at once."""
+    async def one(req):
+        return [d async for out in engine.generate(req) for d in out.tokens]
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    return asyncio.run(main())
 
 
 def run_all(engine, reqs: list[EngineRequest], stagger: float = 0.002) -> list[list[int]]:
@@ -160,6 +174,33 @@ def correctness(work: Path, n_new: int = 32) -> dict:
     report["ok"] = all(v["identical_sequences"] == len(PROMPTS) and v["cache_hit_same_as_miss"]
                        and v["lora_identical"] == 4 and v["prompt_prefix_identical"] == 4 for v in fp32)
     return report
+
+
+def fp8_agreement(work: Path, n_new: int = 32) -> dict:
+    """A float8 KV cache against the model's own dtype on the small random Llama (bfloat16), native engine both:
+    the share of identical greedy tokens (a random model's near-tied logits flip on rounding) and the largest
+    logprob difference of the first token (before any divergence)."""
+    path = work / "check-llama"
+    if not (path / "config.json").exists():
+        write_model(path, "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4)
+    out = {}
+    for kv in ("auto", "fp8"):
+        engine = AsyncEngine(EngineConfig(model_path=str(path), dtype="bfloat16", device=DEVICE, engine="native",
+                                          kv_cache_dtype=kv, max_waiting_tokens=1, debug_checks=True,
+                                          kv_cache_tokens=65536))
+        try:
+            reqs = [EngineRequest(f"fp8-{kv}-{i}", engine.tokenizer(p)["input_ids"],
+                                  GenerationParams(max_new_tokens=n_new, min_new_tokens=n_new, generated_tokens=True,
+                                                   token_logprobs=True)) for i, p in enumerate(PROMPTS)]
+            out[kv] = token_details(engine, reqs)
+        finally:
+            engine.shutdown()
+            release()
+    same = sum(a.token_id == b.token_id for x, y in zip(out["auto"], out["fp8"], strict=True)
+               for a, b in zip(x, y, strict=True))
+    first = max(abs(x[0].logprob - y[0].logprob) for x, y in zip(out["auto"], out["fp8"], strict=True))
+    return {"identical_tokens": same, "tokens": n_new * len(PROMPTS), "first_token_logprob_max_diff": first}
 
 
 # ---- timings ------------------------------------------------------------------------------------------------
@@ -647,6 +688,15 @@ def main() -> None:
                 log(results[flag]["host_profile"])
                 log(results[flag]["device_profile"])
                 save()
+        if "fp8" in phases:  # --kv-cache-dtype fp8: agreement, then the offline workload
+            record("fp8_agreement", fp8_agreement(work))
+
+            def fp8_throughput(engine):
+                record("throughput_native_fp8", throughput(engine, items, "fp8"))
+                engine.core.config.max_waiting_tokens = 1
+                record("throughput_native_c256_join_at_once_fp8", throughput(engine, items, "fp8-join"))
+
+            on_own_engine(fp8_throughput, kv_cache_dtype="fp8")
         if "decode_compiled" in phases:
             on_own_engine(lambda engine: record("decode_bs1_compiled", decode_phase(big, engine)), compile=True)
         if "coldstart" in phases:  # a fresh engine's first steps: where first-wave TTFT goes

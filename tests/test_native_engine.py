@@ -201,6 +201,8 @@ def test_engine_choice(tiny_model):
     assert ServerConfig(deployment_framework="hf_transformers").effective_engine == "transformers"
     assert ServerConfig(deployment_framework="tgis_native").effective_engine == "native"
     assert ServerConfig(engine="native", deployment_framework="hf_transformers").effective_engine == "native"
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8 needs the native engine"):
+        choose_engine(EngineConfig(model_path=str(tiny_model("gpt2")), kv_cache_dtype="fp8"))
 
 
 def test_the_gpu_warm_up_leaves_nothing_behind(tiny_model):
@@ -237,3 +239,26 @@ def test_cpu_decode_attention_groups_rows_of_similar_length():
     assert sorted(i for rows, _ in groups for i in rows) == list(range(len(lengths)))
     assert len(_length_groups([1000 // 2**i for i in range(10)])) == 4  # at most four kernels per layer
     assert _length_groups([]) == []
+
+
+def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_still_says_paris(smollm2_dir):
+    """`--kv-cache-dtype fp8`: one byte per key and value element; SmolLM2's greedy answer is unchanged and its
+    logprobs move by rounding only."""
+    def answer(kv_cache_dtype: str):
+        engine = AsyncEngine(EngineConfig(model_path=str(smollm2_dir), engine="native", dtype="float32",
+                                          kv_cache_dtype=kv_cache_dtype, max_batch_size=4, debug_checks=True))
+        try:
+            req = request(engine, "The capital of France is", max_new_tokens=8, generated_tokens=True,
+                          token_logprobs=True)
+            [res] = run(engine, [req])
+            runner = engine.core.runner
+            return ((runner.caches.dtype, runner._block_bytes()), res.final.output_text,
+                    [d.logprob for o in res.outputs for d in o.tokens])
+        finally:
+            engine.shutdown()
+
+    (dtype, block_bytes), text, logprobs = answer("auto")
+    (dtype8, block_bytes8), text8, logprobs8 = answer("fp8")
+    assert (dtype, dtype8) == (torch.float32, torch.float8_e4m3fn) and block_bytes == 4 * block_bytes8
+    assert text8 == text and text.startswith(" Paris.")
+    assert torch.allclose(torch.tensor(logprobs8), torch.tensor(logprobs), atol=0.15)

@@ -20,13 +20,14 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is a dev dependen
 H, KVH, D, BS, NB = 8, 2, 32, 16, 48
 
 
-def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None, splits: int | None, seed: int):
+def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None, splits: int | None, seed: int,
+          cache_dtype: torch.dtype = torch.float32):
     """Random cache and step: `decodes` context lengths, `chunks` (cached, new) token counts."""
     from runtime.models.native.triton_attention import TritonAttention
 
     g = torch.Generator().manual_seed(seed)
     rows = len(decodes) + len(chunks)
-    cache = torch.randn(2, NB, BS, KVH, D, generator=g)
+    cache = torch.randn(2, NB, BS, KVH, D, generator=g).to(cache_dtype)
     tables = (torch.randperm(NB - 1, generator=g) + 1)[: rows * 8].view(rows, 8).to(torch.int32)
     qlens = [1] * len(decodes) + [n for _, n in chunks]
     lens = list(decodes) + [c + n for c, n in chunks]
@@ -55,6 +56,16 @@ def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None,
 def test_kernels_match_the_torch_backend(decodes, chunks, window, splits):
     got, want, got_cache, ref_cache = _case(decodes, chunks, window, splits, seed=len(decodes) + 7 * len(chunks))
     assert torch.equal(got_cache, ref_cache)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_kernels_read_a_float8_cache_as_the_torch_backend_does():
+    """`--kv-cache-dtype fp8`: both backends store this step's keys and values rounded to float8 and read the cache
+    back in the queries' type."""
+    from runtime.models.native.attention import FP8
+
+    got, want, got_cache, ref_cache = _case([5, 40, 100], [(30, 40), (0, 20)], None, 2, seed=3, cache_dtype=FP8)
+    assert got_cache.dtype == FP8 and torch.equal(got_cache.view(torch.uint8), ref_cache.view(torch.uint8))
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 

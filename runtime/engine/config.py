@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINES = ("auto", "native", "transformers")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 (native engine)
 TP_METHODS = ("auto", "rules", "deepspeed")  # how ranks split a model: our own rules, DeepSpeed AutoTP
 
 
@@ -22,6 +23,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per paged KV block
     kv_cache_tokens: int | None = None  # KV capacity in tokens; None: sized from memory
     kv_cache_memory_fraction: float = 0.9  # of free device memory (GPU) / available RAM share (CPU)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     prefix_caching: bool = True  # reuse computed KV blocks of identical prompt prefixes (native runner)
     max_queue_jump_s: float = 1.0  # FIFO with a bounded queue jump (spec §2.3)
     max_loras: int = 8  # distinct LoRA adapters in one batch

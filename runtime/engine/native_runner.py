@@ -19,7 +19,7 @@ from runtime.engine.kv_cache import free_memory_bytes
 from runtime.engine.plan import ModelOutput, RowPlan, StepPlan
 from runtime.engine.staging import to_device
 from runtime.models.loader import LoadedModel
-from runtime.models.native.attention import AttentionMetadata, TorchAttention
+from runtime.models.native.attention import FP8, AttentionMetadata, TorchAttention, storage
 from runtime.models.native.llama import NativeCausalLM
 from runtime.models.native.lora import NativeLoraManager
 
@@ -66,6 +66,7 @@ class NativeRunner:
         self.loaded = loaded
         self.model: NativeCausalLM = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
+        self.cache_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
         self.config = config
         self.block_size = config.block_size
         self.backend = attention_backend(config, self.device)
@@ -82,7 +83,7 @@ class NativeRunner:
     # ---- KV cache ----------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
         attn = self.model.layers[0].attn
-        per_token = 2 * attn.kv_heads * attn.head_dim * self.dtype.itemsize
+        per_token = 2 * attn.kv_heads * attn.head_dim * self.cache_dtype.itemsize
         return len(self.model.layers) * self.block_size * per_token
 
     def kv_capacity(self, config: EngineConfig, max_sequence_length: int) -> int:
@@ -103,10 +104,10 @@ class NativeRunner:
         # not zero-filled: a block is zeroed when it joins a block table, so on the CPU the pool takes memory only
         # as it is used; the null block (padding rows read it) is zeroed now
         self.caches = torch.empty(len(self.model.layers), 2, blocks, self.block_size, attn.kv_heads, attn.head_dim,
-                                  dtype=self.dtype, device=self.device)
+                                  dtype=self.cache_dtype, device=self.device)
         self.caches[:, :, 0].zero_()
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size,
-                 blocks * self._block_bytes() / 2**30)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s)", blocks, self.block_size,
+                 blocks * self._block_bytes() / 2**30, str(self.cache_dtype).removeprefix("torch."))
         if config.cuda_graphs and self.device.type == "cuda" and not isinstance(self.backend, TorchAttention):
             from runtime.engine.cuda_graphs import DecodeGraphs
 
@@ -144,7 +145,7 @@ class NativeRunner:
         self.execute(StepPlan([decode(0, 0), decode(1, 0), decode(2, 0), prompt(4, 24, 40), prompt(3, 0, 64)]))
         self.execute(StepPlan([decode(0, 1), decode(1, 1), decode(2, 1), decode(4, 0), prompt(5, 0, 8)]))
         self.execute(StepPlan([], released=names))
-        self.caches.index_fill_(2, torch.tensor([b for row in ids for b in row], device=self.device), 0)
+        storage(self.caches).index_fill_(2, torch.tensor([b for row in ids for b in row], device=self.device), 0)
 
     def _fit_blocks(self, config: EngineConfig, per_seq: int) -> int:
         if self.device.type == "cuda":
@@ -164,7 +165,7 @@ class NativeRunner:
         """One forward of a full token budget (one sequence, writes into the null block) to measure activations."""
         attn = self.model.layers[0].attn
         caches = torch.zeros(len(self.model.layers), 2, 1, self.block_size, attn.kv_heads, attn.head_dim,
-                             dtype=self.dtype, device=self.device)
+                             dtype=self.cache_dtype, device=self.device)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(tokens, device=self.device) % self.model.cos.shape[0]
         meta = AttentionMetadata(slot_mapping=torch.zeros_like(ids),
@@ -226,7 +227,7 @@ class NativeRunner:
             where = to_device([index_rows, index_cols], torch.long, self.device)
             self.block_table[where[0], where[1]] = to_device(blocks, torch.int32, self.device)
         if fresh:  # the unwritten slots of a partly filled block are read (masked): they must hold finite values
-            self.caches.index_fill_(2, to_device(fresh, torch.long, self.device), 0)
+            storage(self.caches).index_fill_(2, to_device(fresh, torch.long, self.device), 0)
 
     def inputs(self, plan: StepPlan, states: list[_SeqState]) -> StepInputs:
         """Token ids, positions, cache slots and attention metadata of a plan: O(rows + new tokens) on the host,

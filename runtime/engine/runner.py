@@ -42,19 +42,24 @@ def choose_engine(config: EngineConfig) -> str:
     from runtime.models.native import native_architecture
 
     if config.tensor_parallel_method == "deepspeed":
-        if config.engine == "native":
-            raise ValueError("DeepSpeed tensor parallelism runs on the transformers engine, not the native one")
+        if config.engine == "native" or config.kv_cache_dtype != "auto":
+            raise ValueError("DeepSpeed tensor parallelism runs on the transformers engine, not the native one (nor "
+                             "its fp8 KV cache)")
         return "transformers"
 
     model_config = json.loads((Path(config.model_path) / "config.json").read_text())
     reason = native_architecture(model_config)
     if config.engine == "native" and reason is not None:
         raise ValueError(f"the native engine cannot serve this model: {reason}")
-    if config.engine == "auto":
+    engine = config.engine
+    if engine == "auto":
         if reason is not None:
             log.info("transformers engine: %s", reason)
-        return "native" if reason is None else "transformers"
-    return config.engine
+        engine = "native" if reason is None else "transformers"
+    if engine == "transformers" and config.kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype} needs the native engine; this model runs on the "
+                         f"transformers engine ({reason or 'asked for'})")
+    return engine
 
 
 def make_runner(config: EngineConfig, loaded: LoadedModel | None = None) -> ModelRunner:

@@ -114,6 +114,7 @@ def engine_config(config: ServerConfig, model_dir: Path, max_sequence_length: in
         cuda_graphs=config.cuda_graphs, compile=config.pt2_compile, load_format=config.load_format,
         async_scheduling=config.async_scheduling,
         kv_cache_tokens=config.kv_cache_tokens, kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+        kv_cache_dtype=config.kv_cache_dtype,
         output_special_tokens=config.output_special_tokens, trust_remote_code=config.trust_remote_code,
         tensor_parallel_size=config.world_size, tensor_parallel_method=config.effective_tensor_parallel_method,
         cuda_memory_fraction=config.cuda_process_memory_fraction)

@@ -35,10 +35,26 @@ class AttentionBackend(Protocol):
         Returns [T, H, D]."""
 
 
+FP8 = torch.float8_e4m3fn  # `--kv-cache-dtype fp8`: half the bytes of a bfloat16 cache, read and held
+FP8_MAX = 448.0  # its largest finite value: larger keys and values are stored saturated
+
+
+def storage(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as raw bytes when it holds float8 (index copies and fills exist for uint8 on every device, not for
+    float8); as it is otherwise."""
+    return cache.view(torch.uint8) if cache.dtype == FP8 else cache
+
+
+def stored(t: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """`t` in the cache's element type."""
+    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8) if cache.dtype == FP8 and t.dtype != FP8 else t.to(cache.dtype)
+
+
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store this step's keys and values in their slots (a padding row writes into the null block)."""
-    cache[0].view(-1, *cache.shape[-2:]).index_copy_(0, slots, k)
-    cache[1].view(-1, *cache.shape[-2:]).index_copy_(0, slots, v)
+    raw = storage(cache)
+    for i, t in enumerate((k, v)):
+        raw[i].view(-1, *cache.shape[-2:]).index_copy_(0, slots, storage(stored(t, cache)))
 
 
 def _gathered(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +63,10 @@ def _gathered(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, 
     kv = cache.index_select(1, blocks.flatten())
     kv = kv.view(2, *blocks.shape[:-1], blocks.shape[-1] * cache.shape[2], *cache.shape[3:])
     return kv[0], kv[1]
+
+
+def _read(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
@@ -80,16 +100,21 @@ def _length_groups(lengths: list[int], max_groups: int = 4, ratio: float = 0.7) 
 
 
 class TorchAttention:
-    """Gathers each row's blocks and runs scaled_dot_product_attention: plain torch over the block tables."""
+    """Gathers each row's blocks and runs scaled_dot_product_attention: plain torch over the block tables. A float8
+    cache is read back in the queries' type; a whole prompt then attends to its keys as the cache holds them, as the
+    Triton kernels do."""
 
     def __call__(self, q, k, v, cache, meta, scale, window):
+        if cache.dtype != q.dtype:
+            k, v = stored(k, cache).to(q.dtype), stored(v, cache).to(q.dtype)
         write_kv(cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         block_size = cache.shape[2]
         d = meta.num_decodes
         for rows, length in _length_groups(meta.seq_lens_host[:d]):
             index = torch.tensor(rows, device=q.device)
-            keys, values = _gathered(cache, meta.block_tables[index, : -(-length // block_size)].long())
+            blocks = meta.block_tables[index, : -(-length // block_size)].long()
+            keys, values = (_read(t, q) for t in _gathered(cache, blocks))
             pos = torch.arange(keys.shape[1], device=q.device)  # keys, values: [rows, L, KVH, D]
             lens = meta.seq_lens[index, None]
             mask = pos[None, :] < lens
@@ -103,7 +128,7 @@ class TorchAttention:
                 keys, values = k[start:start + n], v[start:start + n]
             else:
                 blocks = meta.block_tables[row, : -(-length // block_size)].long()
-                keys, values = (t[:length] for t in _gathered(cache, blocks))
+                keys, values = (_read(t[:length], q) for t in _gathered(cache, blocks))
             qpos = torch.arange(length - n, length, device=q.device)[:, None]
             kpos = torch.arange(length, device=q.device)[None, :]
             mask = kpos <= qpos

@@ -27,16 +27,17 @@ MAX_SPLITS = 16
 def _attend_tile(q, k_ptr, v_ptr, table_ptr, pos, loadable, visible, g, dims, m, denom, acc, scale, stride_cb,
                  stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
     """One tile of keys (positions `pos` of one sequence, gathered through its block table) folded into the running
-    softmax (max `m`, denominator, weighted values); `visible` masks scores, rows that see nothing stay empty."""
+    softmax (max `m`, denominator, weighted values); `visible` masks scores, rows that see nothing stay empty. Keys
+    and values are read in the queries' type (a float8 cache holds them in one byte each)."""
     block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=loadable, other=0)
     rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
-    k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0)
+    k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0).to(q.dtype)
     scores = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
-    v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0)
+    v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, denom * alpha + tl.sum(p, 1), acc
 
