@@ -29,11 +29,14 @@ def model_dir(tiny_model):
     return tiny_model("llama")
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["false", "true"], ids=["sync", "async-scheduling"])
+def server(model_dir, tmp_path_factory, request):
+    """Every test against the synchronous engine loop (the CPU default) and against async scheduling (the GPU
+    default: each step planned while the one before is in flight)."""
     with running_server(model_dir, tmp_path_factory.mktemp("grpc-server"), "--max-sequence-length", str(S),
                         "--max-new-tokens", str(MAX_NEW), "--max-batch-size", "16",
-                        "--max-concurrent-requests", str(CONCURRENCY), "--json-output") as srv:
+                        "--max-concurrent-requests", str(CONCURRENCY), "--json-output",
+                        "--async-scheduling", request.param) as srv:
         yield srv
 
 
@@ -75,6 +78,11 @@ def continuation(tok, text: str, new_ids: list[int]) -> str:
     ids = tok(text).input_ids
     full = tok.decode(ids + new_ids, skip_special_tokens=True)
     return full[len(tok.decode(ids, skip_special_tokens=True)):].rstrip("\ufffd")
+
+
+def test_the_engine_loop_is_the_one_asked_for(server, request):
+    wanted = "on" if request.node.callspec.params["server"] == "true" else "off"
+    assert f"engine loop: async scheduling {wanted}" in server.log_path.read_text()
 
 
 def test_model_info_and_tokenize(stub, hf):

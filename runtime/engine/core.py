@@ -153,6 +153,7 @@ class EngineCore:
         self.scheduler = Scheduler(config, self.kv, config.token_budget(lm.device.type), chunked,
                                    padded=not self.runner.paged)
         self.plan_ahead = self._async_scheduling(config)
+        log.info("engine loop: async scheduling %s", "on" if self.plan_ahead else "off")
         self.in_flight: InFlight | None = None
         self.steps = 0  # steps launched
         self.steps_ahead = 0  # of those, planned while the one before was still in flight
@@ -324,11 +325,11 @@ class EngineCore:
         """Whether the next step may be planned before the in-flight one is read back: only when nothing in it needs
         the in-flight ids on the host. A grammar must accept its token before it masks the next one, and a preempted
         sequence must not have a token in flight, so every running sequence needs room for its next token. Token
-        logprobs, ranks and top-n tokens are computed on reading back: launched behind the next step, they would
-        make every stream wait a step longer."""
+        logprobs, ranks and top-n tokens and input-token details are computed on reading back: launched behind the
+        next step, they would make every stream wait a step longer."""
         running = self.scheduler.running
-        return (self.plan_ahead and self.kv.num_free >= len(running)
-                and not any(s.guide is not None or _scores_details(s.params) for s in running))
+        return (self.plan_ahead and self.kv.num_free >= len(running) and not any(
+            s.guide is not None or s.wants_input_details or _scores_details(s.params) for s in running))
 
     def _take_in_flight(self) -> InFlight:
         step, self.in_flight = self.in_flight, None
