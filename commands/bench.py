@@ -94,6 +94,13 @@ def bench(
                                "architecture), native or transformers."),
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
                                         help="In-process: reuse the KV cache of shared prompt prefixes (native)."),
+    async_scheduling: bool | None = typer.Option(None, "--async-scheduling/--no-async-scheduling",
+                                                 help="In-process: plan each step while the one before runs "
+                                                 "(native; default: on GPUs)."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="In-process: auto (the model's dtype) or "
+                                       "fp8 (native)."),
+    max_waiting_tokens: int = typer.Option(24, "--max-waiting-tokens", min=1, help="In-process: TGIS' min-join "
+                                           "rule (1: join at once)."),
     load_format: str = typer.Option("auto", "--load-format", help="In-process: auto (the model's weights) or "
                                     "dummy (random weights of MODEL's shape)."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer model for dummy weights and for "
@@ -241,7 +248,8 @@ def _engine(s: dict, stack: contextlib.ExitStack):
 
     options = {"dtype": s["dtype"], "device": s["device"], "engine": s["engine"], "max_batch_size": s["max_batch_size"],
                "max_sequence_length": s["max_sequence_length"], "tensor_parallel_size": s["num_gpus"],
-               "prefix_caching": s["prefix_caching"]}
+               "prefix_caching": s["prefix_caching"], "async_scheduling": s["async_scheduling"],
+               "kv_cache_dtype": s["kv_cache_dtype"], "max_waiting_tokens": s["max_waiting_tokens"]}
     if s["load_format"] == "auto":
         return AsyncEngine(EngineConfig(model_path=str(resolve_model(s["model"])), load_format="auto", **options))
     from runtime.engine.runner import choose_engine

@@ -284,6 +284,29 @@ def test_prefix_cache_counters():
 
 # ---- in-process options ---------------------------------------------------------------------------------------------
 
+def test_engine_knobs_reach_the_engine(model_dir, tmp_path, monkeypatch):
+    """--async-scheduling, --kv-cache-dtype and --max-waiting-tokens configure the in-process engine; the report
+    carries them."""
+    configs = []
+    original = AsyncEngine.__init__
+
+    def spy(self, config, *args):
+        configs.append(config)
+        original(self, config, *args)
+
+    monkeypatch.setattr(AsyncEngine, "__init__", spy)
+    out = tmp_path / "knobs.json"
+    code, output = bench(model_dir, "-n", 4, "--output-len", "4", "--async-scheduling", "--kv-cache-dtype", "fp8",
+                         "--max-waiting-tokens", 1, "-o", out)
+    assert code == 0, output
+    [config] = configs
+    assert (config.async_scheduling, config.kv_cache_dtype, config.max_waiting_tokens) == (True, "fp8", 1)
+    report = json.loads(out.read_text())
+    assert report["metrics"]["output_tokens"] == 16 and report["metrics"]["errors"] == 0
+    assert {k: report["settings"][k] for k in ("async_scheduling", "kv_cache_dtype", "max_waiting_tokens")} == {
+        "async_scheduling": True, "kv_cache_dtype": "fp8", "max_waiting_tokens": 1}
+
+
 def test_guided_in_process(model_dir, tmp_path):
     out = tmp_path / "guided.json"
     code, output = bench(model_dir, "-n", 2, "--output-len", "8:16", "--guided", SCHEMA, "-o", out)
