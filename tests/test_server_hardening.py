@@ -71,11 +71,12 @@ def store(model_dir, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, store, tmp_path_factory):
+@pytest.fixture(scope="module", params=["false", "true"], ids=["sync", "async-scheduling"])
+def server(model_dir, store, tmp_path_factory, request):
+    """The synchronous engine loop (the CPU default) and async scheduling (the GPU default)."""
     with running_server(model_dir, tmp_path_factory.mktemp("hardening"), "--max-sequence-length", str(S),
                         "--max-new-tokens", str(MAX_NEW), "--max-batch-size", "8", "--tokenization-workers", "1",
-                        "--prefix-store-path", str(store)) as srv:
+                        "--prefix-store-path", str(store), "--async-scheduling", request.param) as srv:
         yield srv
 
 
