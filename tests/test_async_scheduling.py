@@ -88,14 +88,18 @@ def test_greedy_equals_transformers_with_requests_joining(engines):
     assert planned_ahead >= launched * 3 // 4, (planned_ahead, launched)
 
 
-def test_steps_with_logprobs_are_read_back_before_the_next_is_launched(engines):
-    """Logprobs, ranks and top-n tokens come from the step's scores when it is read back: planned ahead, every
-    stream would wait a step longer for its tokens."""
-    _, ahead = both(engines)
-    before = ahead.core.steps_ahead
-    [res] = run(ahead, [request(ahead, PROMPTS[0], max_new_tokens=10, **DETAILS)])
-    assert len(res.token_ids) == 10 and all(d.logprob is not None for o in res.outputs for d in o.tokens)
-    assert ahead.core.steps_ahead == before
+def test_logprobs_and_ranks_keep_async_scheduling_top_n_tokens_do_not(engines):
+    """Token logprobs and ranks are queued with the ids; top-n tokens come from the step's scores when it is read
+    back: planned ahead, every stream would wait a step longer, so such steps are read back first."""
+    sync, ahead = both(engines)
+    for details, planned in ((dict(generated_tokens=True, token_logprobs=True, token_ranks=True), True),
+                             (DETAILS, False)):
+        before = ahead.core.steps_ahead
+        [got] = run(ahead, [request(ahead, PROMPTS[0], max_new_tokens=10, **details)])
+        [want] = run(sync, [request(sync, PROMPTS[0], max_new_tokens=10, **details)])
+        assert outcome(got) == outcome(want) and logprobs(got) == logprobs(want)
+        assert all(d.logprob is not None and d.rank >= 1 for o in got.outputs for d in o.tokens)
+        assert (ahead.core.steps_ahead > before) == planned
 
 
 def test_prefix_cache_hits_and_preemption_under_async_scheduling(engines):

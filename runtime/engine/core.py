@@ -110,9 +110,9 @@ class InFlight:
     read: Callable[[], tuple[list[int | None], list]] | None = None  # ids and details on the host (synchronises)
 
 
-def _scores_details(p) -> bool:
-    """Token details that are computed from the step's scores (not just its ids)."""
-    return p.generated_tokens and (p.token_logprobs or p.token_ranks or p.top_n_tokens > 0)
+def _top_n_details(p) -> bool:
+    """Top-n token details: computed when the step is read back (their size per row depends on the scores)."""
+    return p.generated_tokens and p.top_n_tokens > 0
 
 
 def _failure_reason(exc: BaseException) -> tuple[str, str]:
@@ -324,12 +324,12 @@ class EngineCore:
     def _can_plan_ahead(self) -> bool:
         """Whether the next step may be planned before the in-flight one is read back: only when nothing in it needs
         the in-flight ids on the host. A grammar must accept its token before it masks the next one, and a preempted
-        sequence must not have a token in flight, so every running sequence needs room for its next token. Token
-        logprobs, ranks and top-n tokens and input-token details are computed on reading back: launched behind the
-        next step, they would make every stream wait a step longer."""
+        sequence must not have a token in flight, so every running sequence needs room for its next token. Top-n
+        tokens and input-token details are computed on reading back: launched behind the next step, they would make
+        every stream wait a step longer (token logprobs and ranks are queued with the ids)."""
         running = self.scheduler.running
         return (self.plan_ahead and self.kv.num_free >= len(running) and not any(
-            s.guide is not None or s.wants_input_details or _scores_details(s.params) for s in running))
+            s.guide is not None or s.wants_input_details or _top_n_details(s.params) for s in running))
 
     def _take_in_flight(self) -> InFlight:
         step, self.in_flight = self.in_flight, None

@@ -16,7 +16,7 @@ chat prompts contain EOS == PAD `<|im_end|>`), breaking batch invariance.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -195,23 +195,32 @@ def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     return chosen
 
 
+def _chosen_columns(scores: torch.Tensor, tokens: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
+    """[N, 2] float32 on the device, queued without a host wait: each token's logprob under `scores` and its 1-based
+    rank (1 + count strictly greater); NaN where no row asked for that column."""
+    tok = tokens.unsqueeze(1)
+    out = torch.full((len(params), 2), math.nan, dtype=torch.float32, device=scores.device)
+    if any(p.token_logprobs for p in params):
+        out[:, 0] = scores.log_softmax(dim=1).gather(1, tok).squeeze(1)
+    if any(p.token_ranks for p in params):
+        out[:, 1] = (scores > scores.gather(1, tok)).sum(dim=1) + 1
+    return out
+
+
 def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[GenerationParams],
-             ids: list[int] | None = None) -> list[TokenDetail]:
+             ids: list[int] | None = None, columns: list[list[float]] | None = None) -> list[TokenDetail]:
     """Token info of `tokens` [N] against `scores` [N, V] (§1.9). For generated tokens `scores` is the distribution
     the token was chosen from: after the penalties, the grammar mask of a guided row (forbidden tokens are -inf, so
     logprobs are renormalised over what the grammar allows) and, when sampling, the warpers: TGIS' "final processed
     scores". Logprob from their log-softmax, 1-based rank (1 + count strictly greater), top-n = all ids ≥ the n-th
     best (ties, at most 4n, vocabulary order), sorted by (logprob desc, id asc) only when logprobs were asked. One
-    device-to-host transfer per field (`ids`: `tokens` already on the host)."""
+    device-to-host transfer per field (`ids`: `tokens` already on the host; `columns`: `_chosen_columns` there)."""
     vocab = scores.shape[1]
     lp_rows = [p.token_logprobs for p in params]
     ns = [min(p.top_n_tokens, vocab) for p in params]
-    tok = tokens.unsqueeze(1)
-    logprobs = scores.log_softmax(dim=1) if any(lp_rows) else None
-    chosen_lp = logprobs.gather(1, tok).squeeze(1).tolist() if logprobs is not None else None
-    ranks = None
-    if any(p.token_ranks for p in params):
-        ranks = ((scores > scores.gather(1, tok)).sum(dim=1, dtype=torch.int32) + 1).tolist()
+    if columns is None:
+        columns = _chosen_columns(scores, tokens, params).tolist()
+    logprobs = scores.log_softmax(dim=1) if any(lp_rows) and max(ns) > 0 else None
     tops: list[list[TopToken]] = [[] for _ in params]
     if max(ns) > 0:
         n = _column(ns, scores, torch.long)
@@ -232,9 +241,9 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
     for i, (p, token) in enumerate(zip(params, tokens.tolist() if ids is None else ids, strict=True)):
         d = TokenDetail(token)
         if p.token_logprobs:
-            d.logprob = chosen_lp[i]
+            d.logprob = columns[i][0]
         if p.token_ranks:
-            d.rank = ranks[i]
+            d.rank = int(columns[i][1])
         if ns[i] > 0:
             d.top_tokens = sorted(tops[i], key=lambda t: (-t.logprob, t.token_id)) if p.token_logprobs else tops[i]
         details.append(d)
@@ -244,40 +253,54 @@ def _details(scores: torch.Tensor, tokens: torch.Tensor, params: list[Generation
 @dataclass
 class Sampled:
     """A batch's chosen ids, still on the device: the next step can read them before the host does (async
-    scheduling). On CUDA their copy to pinned host memory is queued right behind the sampling, so `result()` waits
-    for this step only, never for a step launched after it; it also makes the token details (logprobs, ranks and
-    top-n tokens are computed then: steps with such rows are read back before the next one is launched)."""
+    scheduling). Queued with them: the logprobs and ranks of rows that asked. On CUDA their copy to pinned host
+    memory is queued right behind the sampling, so `result()` waits for this step only, never for a step launched
+    after it. Top-n tokens are computed by `result()` (their count per row is data-dependent): steps with such rows
+    are read back before the next one is launched."""
 
     chosen: torch.Tensor
     scores: torch.Tensor  # the processed scores the ids were chosen from
     params: list[GenerationParams]
-    host: torch.Tensor | None = None
+    want: list[int] = field(default_factory=list)  # rows with token details
+    columns: torch.Tensor | None = None  # `_chosen_columns` of the `want` rows
+    host: tuple[torch.Tensor, torch.Tensor | None] | None = None
     ready: torch.cuda.Event | None = None
 
-    def copy_to_host(self) -> None:
+    def queue(self) -> None:
+        """The details' columns, and on CUDA the copies to the host, behind the sampling."""
+        self.want = [i for i, p in enumerate(self.params) if p.generated_tokens]
+        if self.want:
+            self.columns = _chosen_columns(self._rows(self.scores), self._rows(self.chosen), self._want_params())
         if self.chosen.is_cuda:
-            self.host = torch.empty(self.chosen.shape, dtype=self.chosen.dtype, pin_memory=True)
-            self.host.copy_(self.chosen, non_blocking=True)
+            self.host = tuple(None if t is None else _pinned_copy(t) for t in (self.chosen, self.columns))
             self.ready = torch.cuda.Event()
             self.ready.record()
 
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if len(self.want) == len(self.params) else t[_index(self.want, t)]
+
+    def _want_params(self) -> list[GenerationParams]:
+        return [self.params[i] for i in self.want]
+
     def result(self) -> SampleResult:
+        chosen, columns = self.chosen, self.columns
         if self.ready is not None:
             self.ready.synchronize()
-            tokens = self.host.tolist()
-        else:
-            tokens = self.chosen.tolist()
-        want = [i for i, p in enumerate(self.params) if p.generated_tokens]
+            chosen, columns = self.host
+        tokens = chosen.tolist()
         details: list[TokenDetail | None] = [None] * len(tokens)
-        if len(want) == len(tokens):
-            details = _details(self.scores, self.chosen, self.params, tokens)
-        elif want:
-            idx = _index(want, self.scores)
-            picked = _details(self.scores[idx], self.chosen[idx], [self.params[i] for i in want],
-                              [tokens[i] for i in want])
-            for i, d in zip(want, picked, strict=True):
+        if self.want:
+            picked = _details(self._rows(self.scores), self._rows(self.chosen), self._want_params(),
+                              [tokens[i] for i in self.want], columns.tolist())
+            for i, d in zip(self.want, picked, strict=True):
                 details[i] = d
         return SampleResult(tokens, details)
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class Sampler:
@@ -305,7 +328,7 @@ class Sampler:
             if r.history is not None:
                 r.history.mark(chosen[i:i + 1])
         sampled = Sampled(chosen, scores, params)
-        sampled.copy_to_host()
+        sampled.queue()
         return sampled
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SampleResult:
