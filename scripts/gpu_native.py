@@ -8,10 +8,13 @@ Phases (JSON report, one key each):
   native == transformers `generate` on the same GPU: float32 token for token, bfloat16 share of identical tokens;
   CUDA graphs on and off, chunked prefill (small token budget), a prefix-cache hit (the same prompts again), LoRA
   rows and prompt-prefix rows in the batch.
-- decode: batch-1 decode of the Llama-3-8B shape (dummy weights, bf16), 128-token prompt, 256 new tokens, beside
-  the floor measured in the same run: weight bytes read per step / device-to-device copy bandwidth.
+- decode: batch-1 decode of the Llama-3-8B shape (dummy weights, bf16), 128-token prompt, 256 new tokens, with the
+  synchronous loop and with async scheduling, beside the floor measured in the same run: weight bytes read per
+  step / device-to-device copy bandwidth.
 - throughput: 256 requests, prompt and output lengths uniform in [100, 1024] (seed 0, outputs forced), all at once
-  and 128 in flight; then with joins at once (MAX_WAITING_TOKENS=1 instead of TGIS' min-join rule).
+  and 128 in flight, then all at once with joins at once (MAX_WAITING_TOKENS=1 instead of TGIS' min-join rule);
+  with async scheduling, then the synchronous loop. Every run's prompts start with an id of their own, so no run
+  finds another's prompts in the prefix cache.
 - hf: the same workload through the transformers engine (in-process, random weights of the same shape).
 - prefix: a 2,000-token shared system prompt + 64 short questions, prefill time with prefix caching on and off.
 - server: `tgis serve` over gRPC (GenerateStream) at 32 and 128 concurrent streams: TTFT and inter-token latency
@@ -21,7 +24,8 @@ Phases (JSON report, one key each):
   compilations during the run.
 - fp8: `--kv-cache-dtype fp8` against the model's dtype on the small Llama (identical greedy tokens), then the
   offline workload all at once (TGIS' min-join rule, then joins at once).
-- profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes; batch-1 decode compiled.
+- profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes (graph replay, engine step
+  synchronous and async, the calls that make the host wait, host and device profiles); batch-1 decode compiled.
 """
 
 from __future__ import annotations
