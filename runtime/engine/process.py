@@ -14,6 +14,7 @@ the process gets a bounded time to exit before it is killed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -41,6 +42,14 @@ class EngineStartError(ValueError):
     """The engine process could not load the model; the message is the original error's."""
 
 
+def freeze_loaded_objects() -> None:
+    """Move everything loaded so far (torch, transformers, the model, the tokenizer: it lives as long as the
+    process) out of the garbage collector's sight. Otherwise a full collection in the middle of serving walks all of
+    it while every stream waits: 228 ms for SmolLM2's engine on the 2-core CPUs (370k objects), microseconds after."""
+    gc.collect()
+    gc.freeze()
+
+
 def _engine_main(config: EngineConfig, inbox, out: Connection, setup_logging: Callable[[], None] | None,
                  log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process coordinates shutdown
@@ -65,6 +74,7 @@ def _engine_main(config: EngineConfig, inbox, out: Connection, setup_logging: Ca
     except Exception as exc:  # noqa: BLE001 - reported to the server process, which fails its start with it
         send("error", str(exc) or type(exc).__name__)
         return
+    freeze_loaded_objects()
     core.inbox = inbox
     core.emit = lambda outputs: send("out", outputs)
     core.listeners.append(lambda stats: send("step", stats, core.healthy))

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from runtime.engine.config import EngineConfig
 from runtime.engine.plan import ModelOutput, StepPlan
+from runtime.engine.process import freeze_loaded_objects
 from runtime.engine.runner import ModelRunner, local_runner
 from runtime.models.loader import resolve_device
 from runtime.parallel.deepspeed import split_method
@@ -78,6 +79,7 @@ def _worker(rank: int, world_size: int, port: int, config: EngineConfig, engine:
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which fails the start-up with it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_loaded_objects()
     conn.send(("ready", None))
     while True:
         try:
