@@ -269,8 +269,7 @@ def _run_steps(rows_factory, target: int, batch_seed: int, steps: int) -> list[i
         logits = logits_for(len(rows), seed=1000 * batch_seed + step)
         logits[target] = logits_for(1, seed=7000 + step)[0]
         tokens = s(logits, rows).token_ids
-        for r, t in zip(rows, tokens, strict=True):
-            r.history.append(t)
+        for r in rows:  # the sampler marked the chosen ids in the histories itself
             r.num_generated += 1
         out.append(tokens[target])
     return out

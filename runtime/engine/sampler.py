@@ -39,9 +39,6 @@ class TokenHistory:
         if ids:
             self.mask[to_device(ids, torch.long, device).clamp_(max=vocab_size)] = True
 
-    def append(self, token: int) -> None:
-        self.mask[min(token, self.vocab_size)] = True
-
     def mark(self, token: torch.Tensor) -> None:
         """A sampled id still on the device (always inside the vocabulary): no host round trip."""
         self.mask.index_fill_(0, token, True)
@@ -262,7 +259,9 @@ class Sampled:
     scores: torch.Tensor  # the processed scores the ids were chosen from
     params: list[GenerationParams]
     want: list[int] = field(default_factory=list)  # rows with token details
-    columns: torch.Tensor | None = None  # `_chosen_columns` of the `want` rows
+    want_scores: torch.Tensor | None = None  # their scores and ids
+    want_chosen: torch.Tensor | None = None
+    columns: torch.Tensor | None = None  # their `_chosen_columns`
     host: tuple[torch.Tensor, torch.Tensor | None] | None = None
     ready: torch.cuda.Event | None = None
 
@@ -270,14 +269,14 @@ class Sampled:
         """The details' columns, and on CUDA the copies to the host, behind the sampling."""
         self.want = [i for i, p in enumerate(self.params) if p.generated_tokens]
         if self.want:
-            self.columns = _chosen_columns(self._rows(self.scores), self._rows(self.chosen), self._want_params())
+            rows = None if len(self.want) == len(self.params) else _index(self.want, self.chosen)
+            self.want_scores = self.scores if rows is None else self.scores[rows]
+            self.want_chosen = self.chosen if rows is None else self.chosen[rows]
+            self.columns = _chosen_columns(self.want_scores, self.want_chosen, self._want_params())
         if self.chosen.is_cuda:
             self.host = tuple(None if t is None else _pinned_copy(t) for t in (self.chosen, self.columns))
             self.ready = torch.cuda.Event()
             self.ready.record()
-
-    def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t if len(self.want) == len(self.params) else t[_index(self.want, t)]
 
     def _want_params(self) -> list[GenerationParams]:
         return [self.params[i] for i in self.want]
@@ -290,8 +289,8 @@ class Sampled:
         tokens = chosen.tolist()
         details: list[TokenDetail | None] = [None] * len(tokens)
         if self.want:
-            picked = _details(self._rows(self.scores), self._rows(self.chosen), self._want_params(),
-                              [tokens[i] for i in self.want], columns.tolist())
+            picked = _details(self.want_scores, self.want_chosen, self._want_params(), [tokens[i] for i in self.want],
+                              columns.tolist())
             for i, d in zip(self.want, picked, strict=True):
                 details[i] = d
         return SampleResult(tokens, details)
