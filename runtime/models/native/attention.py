@@ -47,7 +47,7 @@ def storage(cache: torch.Tensor) -> torch.Tensor:
 
 def stored(t: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """`t` in the cache's element type."""
-    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8) if cache.dtype == FP8 and t.dtype != FP8 else t.to(cache.dtype)
+    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8) if cache.dtype == FP8 else t.to(cache.dtype)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -63,10 +63,6 @@ def _gathered(cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, 
     kv = cache.index_select(1, blocks.flatten())
     kv = kv.view(2, *blocks.shape[:-1], blocks.shape[-1] * cache.shape[2], *cache.shape[3:])
     return kv[0], kv[1]
-
-
-def _read(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
@@ -114,7 +110,7 @@ class TorchAttention:
         for rows, length in _length_groups(meta.seq_lens_host[:d]):
             index = torch.tensor(rows, device=q.device)
             blocks = meta.block_tables[index, : -(-length // block_size)].long()
-            keys, values = (_read(t, q) for t in _gathered(cache, blocks))
+            keys, values = (t.to(q.dtype) for t in _gathered(cache, blocks))
             pos = torch.arange(keys.shape[1], device=q.device)  # keys, values: [rows, L, KVH, D]
             lens = meta.seq_lens[index, None]
             mask = pos[None, :] < lens
@@ -128,7 +124,7 @@ class TorchAttention:
                 keys, values = k[start:start + n], v[start:start + n]
             else:
                 blocks = meta.block_tables[row, : -(-length // block_size)].long()
-                keys, values = (_read(t[:length], q) for t in _gathered(cache, blocks))
+                keys, values = (t[:length].to(q.dtype) for t in _gathered(cache, blocks))
             qpos = torch.arange(length - n, length, device=q.device)[:, None]
             kpos = torch.arange(length, device=q.device)[None, :]
             mask = kpos <= qpos
