@@ -25,7 +25,12 @@ Phases (JSON report, one key each):
 - fp8: `--kv-cache-dtype fp8` against the model's dtype on the small Llama (identical greedy tokens), then the
   offline workload all at once (TGIS' min-join rule, then joins at once).
 - profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes (graph replay, engine step
-  synchronous and async, the calls that make the host wait, host and device profiles); batch-1 decode compiled.
+  synchronous and async, the calls that make the host wait, host and device profiles); batch-1 decode compiled;
+  profile_bs1: the same profile at batch 1 (compiled).
+- kernels: the decode attention kernel alone on one layer of the 8B shape (batch 128 x 1,024 tokens and batch 1 x
+  2,048), bfloat16 and float8 caches, over its launch options (keys per tile, warps, pipeline stages; float8:
+  float16 or bfloat16 dot products): time, the cache bytes read per second, and the output's largest difference
+  from the default options'.
 """
 
 from __future__ import annotations
@@ -354,7 +359,7 @@ def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = N
            "mean_decode_tokproc_ms": 1000 * statistics.fmean(s.tokproc_s for s in decode) if decode else None,
            "mean_decode_batch": statistics.fmean(s.batch_size for s in decode) if decode else None,
            "prefix_cache_hit_tokens": sum(s.prefix_cache_hits for s in steps),
-           "async_scheduling": engine.core.plan_ahead}
+           "async_scheduling": engine.core.plan_ahead, **wall_by_kind(steps, ends, t0)}
     if slow_steps_s is not None:
         watch_compiles(None)
         out["slow_steps"] = [{"step": i, "method": s.method, "rows": s.batch_size, "prompt_rows": s.prompt_rows,
@@ -362,6 +367,20 @@ def throughput(engine: AsyncEngine, items, tag: str, concurrency: int | None = N
                              for i, s in enumerate(steps) if s.duration_s > slow_steps_s]
         out["compiles"] = [{"at_s": at - t0, "what": what} for at, what in compiles if at >= t0]
     return out
+
+
+def wall_by_kind(steps, ends: list[float], t0: float) -> dict:
+    """The run's wall time split by the kind of step that ended each interval (steps overlap under async
+    scheduling: the time between two steps' ends is the later one's share), with the rows and tokens they carried."""
+    out: dict = {}
+    for step, start, end in zip(steps, [t0, *ends], ends, strict=False):
+        kind = "prefill_only" if not step.decode_rows else "mixed" if step.prompt_rows else "decode_only"
+        acc = out.setdefault(kind, {"steps": 0, "wall_s": 0.0, "rows": 0, "tokens": 0})
+        acc["steps"] += 1
+        acc["wall_s"] += end - start
+        acc["rows"] += step.batch_size
+        acc["tokens"] += step.scheduled_tokens
+    return {"wall_by_step_kind": out}
 
 
 _WATCHING = [False]
@@ -497,6 +516,76 @@ def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> 
         core.runner.close()
         del core
         release()
+
+
+def replayed_us(call, reps: int = 20) -> float:
+    """Device time of one `call`: `reps` calls captured in one CUDA graph (no launch gaps), timed by events."""
+    call()
+    sync()
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        call()
+        return (time.perf_counter() - t0) * 1e6
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / reps * 1000
+
+
+def kernel_sweep() -> dict:
+    """The decode attention kernel on one layer of the 8B shape, over its launch options (module constants of
+    runtime/models/native/triton_attention.py, restored after)."""
+    import runtime.models.native.triton_attention as ta
+    from runtime.models.native.attention import FP8
+
+    heads, kv_heads, dim, bs = 32, 8, 128, 16
+    defaults = ta.DECODE_TILE, ta.DECODE_WARPS, ta.DECODE_STAGES
+    options = [(t, w, st) for t in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    if DEVICE != "cuda":
+        options = options[:2]
+    out: dict = {"defaults": list(defaults)}
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    try:
+        for batch, context in ((128, 1024), (1, 2048)) if DEVICE == "cuda" else ((2, 64),):
+            per_seq = context // bs
+            blocks = batch * per_seq + 1
+            cache = torch.randn(2, blocks, bs, kv_heads, dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
+            tables = (torch.randperm(blocks - 1, device=DEVICE, generator=g) + 1).view(batch, per_seq).int()
+            lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+            q = torch.randn(batch, heads, dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
+            for name, c in (("bf16", cache), ("fp8", cache.clamp(-448, 448).to(FP8))):
+                read = batch * context * kv_heads * dim * 2 * c.element_size()
+                backend = ta.TritonAttention()
+                rows = {}
+                want = None
+                half_dot = [(*defaults, False)] if name == "fp8" else []  # scores in bfloat16, not float16
+                for opt in [defaults, *[o for o in options if o != defaults], *half_dot]:
+                    ta.DECODE_TILE, ta.DECODE_WARPS, ta.DECODE_STAGES = opt[:3]
+                    ta.FP8_HALF_DOT = len(opt) == 3
+                    res = torch.empty_like(q)
+
+                    def call():
+                        backend.decode(q, c, tables, lens, dim**-0.5, None, res)  # noqa: B023
+
+                    us = replayed_us(call)
+                    want = res.clone() if want is None else want
+                    key = "x".join(map(str, opt[:3])) + ("" if len(opt) == 3 else " bf16 dot")
+                    rows[key] = {"us": us, "TBps": read / us / 1e6,
+                                 "max_diff": (res.float() - want.float()).abs().max().item()}
+                out[f"b{batch}_ctx{context}_{name}"] = rows
+            del cache
+            release()
+    finally:
+        ta.DECODE_TILE, ta.DECODE_WARPS, ta.DECODE_STAGES = defaults
+        ta.FP8_HALF_DOT = True
+    return out
 
 
 def prefix_phase(path: Path, caching: bool) -> dict:
@@ -685,9 +774,12 @@ def main() -> None:
         items = offline_workload(args.requests, short=args.dry_run)
         if {"decode", "throughput"} & set(phases):
             on_own_engine(lambda engine: decode_and_throughput(engine, big, items, phases, record))
-        for flag in ("profile", "profile_compiled"):
+        if "kernels" in phases:
+            record("kernels", kernel_sweep())
+        for flag in ("profile", "profile_compiled", "profile_bs1"):
             if flag in phases:
-                results[flag] = profile_phase(big, 128 if DEVICE == "cuda" else 4, flag.endswith("compiled"))
+                batch = 1 if flag == "profile_bs1" else 128 if DEVICE == "cuda" else 4
+                results[flag] = profile_phase(big, batch, flag != "profile")
                 log(flag, {k: v for k, v in results[flag].items() if not k.endswith("profile")})
                 log(results[flag]["host_profile"])
                 log(results[flag]["device_profile"])

@@ -1,7 +1,7 @@
 """The Triton attention kernels and the CUDA-graph decode path, run on the CPU through Triton's interpreter.
 
-The plain-torch backend is the oracle: same cache writes, outputs within float32 rounding, and the engine's tokens
-unchanged when the kernels (and the padded static-buffer path that CUDA graphs replay) replace it."""
+The plain-torch backend is the oracle: same rotary and cache writes, outputs within float32 rounding, and the
+engine's tokens unchanged when the kernels (and the padded static-buffer path that CUDA graphs replay) replace it."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ H, KVH, D, BS, NB = 8, 2, 32, 16, 48
 
 
 def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None, splits: int | None, seed: int,
-          cache_dtype: torch.dtype = torch.float32):
-    """Random cache and step: `decodes` context lengths, `chunks` (cached, new) token counts."""
+          cache_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
+    """Random cache and step: `decodes` context lengths, `chunks` (cached, new) token counts; queries, keys and
+    values in `dtype`."""
     from runtime.models.native.triton_attention import TritonAttention
 
     g = torch.Generator().manual_seed(seed)
@@ -33,6 +34,10 @@ def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None,
     lens = list(decodes) + [c + n for c, n in chunks]
     q = torch.randn(sum(qlens), H, D, generator=g)
     k, v = torch.randn(sum(qlens), KVH, D, generator=g), torch.randn(sum(qlens), KVH, D, generator=g)
+    positions = torch.tensor([p for r in range(rows) for p in range(lens[r] - qlens[r], lens[r])])
+    angles = positions[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q, k, v, cos, sin = (t.to(dtype) for t in (q, k, v, cos, sin))
     slots = [int(tables[r, p // BS]) * BS + p % BS for r in range(rows) for p in range(lens[r] - qlens[r], lens[r])]
     starts = [0]
     for n in qlens:
@@ -40,8 +45,8 @@ def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None,
     meta = AttentionMetadata(torch.tensor(slots), tables, torch.tensor(lens, dtype=torch.int32),
                              torch.tensor(starts, dtype=torch.int32), len(decodes), lens, qlens)
     ref_cache, got_cache = cache.clone(), cache.clone()
-    want = TorchAttention()(q, k, v, ref_cache, meta, D**-0.5, window)
-    got = TritonAttention(splits)(q, k, v, got_cache, meta, D**-0.5, window)
+    want = TorchAttention()(q, k, v, cos, sin, ref_cache, meta, D**-0.5, window)
+    got = TritonAttention(splits)(q, k, v, cos, sin, got_cache, meta, D**-0.5, window)
     return got, want, got_cache, ref_cache
 
 
@@ -67,6 +72,20 @@ def test_kernels_read_a_float8_cache_as_the_torch_backend_does():
     got, want, got_cache, ref_cache = _case([5, 40, 100], [(30, 40), (0, 20)], None, 2, seed=3, cache_dtype=FP8)
     assert got_cache.dtype == FP8 and torch.equal(got_cache.view(torch.uint8), ref_cache.view(torch.uint8))
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_bfloat16_queries_over_a_float8_cache_score_in_float16():
+    """The GPU's case: bfloat16 queries, float8 cache; the kernels convert the cache (and the queries) to float16
+    for their dot products, the torch backend reads the cache in bfloat16: same cache bytes, outputs within bfloat16
+    rounding. The kernel rotates keys in float32 and rounds once, eager torch rounds each bfloat16 operation: a
+    stored key may differ by one float8 step."""
+    from runtime.models.native.attention import FP8
+
+    got, want, got_cache, ref_cache = _case([5, 40, 100], [(30, 40), (0, 20)], None, 2, seed=5, cache_dtype=FP8,
+                                            dtype=torch.bfloat16)
+    same = (got_cache.view(torch.uint8) == ref_cache.view(torch.uint8)).float().mean().item()
+    assert same > 0.99 and torch.allclose(got_cache.float(), ref_cache.float(), rtol=0.13, atol=2**-9)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 def test_engine_tokens_with_triton_kernels_and_the_graph_decode_path(tiny_model):

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache, behind one interface, for a flattened batch of decodes and prompt chunks.
 
 A step's tokens are flattened: rows [0, num_decodes) are single-token decodes (token i of row i), then each prompt
-chunk's tokens in order. Every layer first writes the step's keys and values into their cache slots, then each
-query attends to its sequence's cached keys up to its own position (and, with a sliding window, no further back).
+chunk's tokens in order. Every layer's backend rotates the step's queries and keys (rotary position embedding),
+writes keys and values into their cache slots, then each query attends to its sequence's cached keys up to its own
+position (and, with a sliding window, no further back).
 
 Backends: `TorchAttention` (plain torch over the block tables; runs everywhere and is the test oracle) and the
 Triton kernels of runtime/models/native/triton_attention.py (CUDA).
@@ -15,6 +16,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from runtime.models.native.layers import apply_rotary
 
 
 @dataclass
@@ -29,10 +32,12 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                 meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D] of this step; cache [2, blocks, block_size, KVH, D] of this layer.
-        Returns [T, H, D]."""
+    reads_unwritten_slots: bool  # reads whole blocks (masked): a fresh block's slots must hold finite values
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] of this step, not yet rotated (views of one matmul's output); cos/sin [T, D]
+        of the tokens' positions; cache [2, blocks, block_size, KVH, D] of this layer. Returns [T, H, D]."""
 
 
 FP8 = torch.float8_e4m3fn  # `--kv-cache-dtype fp8`: half the bytes of a bfloat16 cache, read and held
@@ -100,7 +105,11 @@ class TorchAttention:
     cache is read back in the queries' type; a whole prompt then attends to its keys as the cache holds them, as the
     Triton kernels do."""
 
-    def __call__(self, q, k, v, cache, meta, scale, window):
+    reads_unwritten_slots = True
+
+    def __call__(self, q, k, v, cos, sin, cache, meta, scale, window):
+        q, k = apply_rotary(q, k, cos, sin)
+        v = v.contiguous()
         if cache.dtype != q.dtype:
             k, v = stored(k, cache).to(q.dtype), stored(v, cache).to(q.dtype)
         write_kv(cache, k, v, meta.slot_mapping)

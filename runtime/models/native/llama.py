@@ -16,7 +16,7 @@ from torch import nn
 
 from runtime.models.native.attention import AttentionBackend, AttentionMetadata
 from runtime.models.native.config import NativeConfig
-from runtime.models.native.layers import Projection, RMSNorm, apply_rotary
+from runtime.models.native.layers import Projection, RMSNorm
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale, self.window = cfg.scale, cfg.sliding_window
 
-    def qkv_rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `x` ([T, heads, D] views of one fused matmul), q/k-normed where the model
+        has it; the attention backend rotates them (on the GPU fused with the cache write)."""
         t, d = x.shape[0], self.head_dim
         q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k, v = q.view(t, self.heads, d), k.view(t, self.kv_heads, d), v.view(t, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos, sin)
-        return q, k, v.contiguous()
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -65,7 +65,8 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Split around the attention kernel call: `before_attention` and `after_attention` are pure tensor code that
-    torch.compile can fuse (norms, rotary, residuals, activation), the attention backend stays outside."""
+    torch.compile can fuse (norms, residuals, activation), the attention backend (rotary, cache write,
+    attention) stays outside."""
 
     def __init__(self, cfg: NativeConfig, shape: TPShape):
         super().__init__()
@@ -75,8 +76,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, shape)
         self.residual_multiplier = cfg.residual_multiplier
 
-    def before_attention(self, x, cos, sin):
-        return self.attn.qkv_rotated(self.input_norm(x), cos, sin)
+    def before_attention(self, x):
+        return self.attn.project(self.input_norm(x))
 
     def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         m = self.residual_multiplier
@@ -88,8 +89,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache, meta, backend, stages=None) -> torch.Tensor:
         """`stages`: compiled (before, after) functions of (layer, tensors), shared by every layer."""
         before, after = stages or (DecoderLayer.before_attention, DecoderLayer.after_attention)
-        q, k, v = before(self, x, cos, sin)
-        return after(self, x, backend(q, k, v, cache, meta, self.attn.scale, self.attn.window))
+        q, k, v = before(self, x)
+        return after(self, x, backend(q, k, v, cos, sin, cache, meta, self.attn.scale, self.attn.window))
 
 
 class NativeCausalLM(nn.Module):
