@@ -14,7 +14,7 @@ Phases (JSON report, one key each):
 - throughput: 256 requests, prompt and output lengths uniform in [100, 1024] (seed 0, outputs forced), all at once
   and 128 in flight, then all at once with joins at once (MAX_WAITING_TOKENS=1 instead of TGIS' min-join rule);
   with async scheduling, then the synchronous loop. Every run's prompts start with an id of their own, so no run
-  finds another's prompts in the prefix cache.
+  finds another's prompts in the prefix cache. `throughput_sync`: the synchronous loop's runs too.
 - hf: the same workload through the transformers engine (in-process, random weights of the same shape).
 - prefix: a 2,000-token shared system prompt + 64 short questions, prefill time with prefix caching on and off.
 - server: `tgis serve` over gRPC (GenerateStream) at 32 and 128 concurrent streams: TTFT and inter-token latency
@@ -27,10 +27,9 @@ Phases (JSON report, one key each):
 - profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes (graph replay, engine step
   synchronous and async, the calls that make the host wait, host and device profiles); batch-1 decode compiled;
   profile_bs1: the same profile at batch 1 (compiled).
-- kernels: the decode attention kernel alone on one layer of the 8B shape (batch 128 x 1,024 tokens and batch 1 x
-  2,048), bfloat16 and float8 caches, over its launch options (keys per tile, warps, pipeline stages; float8:
-  float16 or bfloat16 dot products): time, the cache bytes read per second, and the output's largest difference
-  from the default options'.
+- kernels: the decode attention kernel alone on one layer of the 8B shape (batch 128 x 1,024 tokens, 32 x 2,048
+  and 1 x 2,048), a bfloat16 cache, then a float8 cache over launch options (keys per tile, warps, pipeline stages,
+  splits): time, the cache bytes read per second, and the output's largest difference from the first run's.
 """
 
 from __future__ import annotations
@@ -414,7 +413,7 @@ def decode_and_throughput(engine: AsyncEngine, path: Path, items, phases: list[s
     if "decode" in phases:
         record("decode_bs1", decode_phase(path, engine))
     if "throughput" in phases:
-        for mode in (True, False):  # async scheduling (the default on CUDA), then the synchronous loop
+        for mode in (True, False) if "throughput_sync" in phases else (True,):  # async (CUDA's default), sync
             engine.core.plan_ahead = mode
             key = "" if mode else "_sync"
             engine.core.config.max_waiting_tokens = 24
@@ -540,35 +539,34 @@ def replayed_us(call, reps: int = 20) -> float:
 
 
 def kernel_sweep() -> dict:
-    """The decode attention kernel on one layer of the 8B shape, over its launch options (module constants of
-    runtime/models/native/triton_attention.py, restored after)."""
+    """The decode attention kernel on one layer of the 8B shape: a bfloat16 cache with its options, a float8 cache
+    over launch options (keys per tile, warps, stages: `DECODE_OPTIONS` of triton_attention.py, restored after) and
+    splits per sequence (None: the batch-size rule)."""
     import runtime.models.native.triton_attention as ta
     from runtime.models.native.attention import FP8
 
     heads, kv_heads, dim, bs = 32, 8, 128, 16
-    defaults = ta.DECODE_TILE, ta.DECODE_WARPS, ta.DECODE_STAGES
-    options = [(t, w, st) for t in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    fp8_default = ta.DECODE_OPTIONS[1]
+    grid = [(t, w, 2, sp) for t in (64, 128, 256) for w in (4, 8) for sp in (None, 2)]
     if DEVICE != "cuda":
-        options = options[:2]
-    out: dict = {"defaults": list(defaults)}
+        grid = grid[:2]
+    out: dict = {"options": {str(k): v for k, v in ta.DECODE_OPTIONS.items()}}
     g = torch.Generator(device=DEVICE).manual_seed(0)
     try:
-        for batch, context in ((128, 1024), (1, 2048)) if DEVICE == "cuda" else ((2, 64),):
+        for batch, context in ((128, 1024), (32, 2048), (1, 2048)) if DEVICE == "cuda" else ((2, 64),):
             per_seq = context // bs
             blocks = batch * per_seq + 1
             cache = torch.randn(2, blocks, bs, kv_heads, dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
             tables = (torch.randperm(blocks - 1, device=DEVICE, generator=g) + 1).view(batch, per_seq).int()
             lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
             q = torch.randn(batch, heads, dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
-            for name, c in (("bf16", cache), ("fp8", cache.clamp(-448, 448).to(FP8))):
+            for name, c, runs in (("bf16", cache, [None]), ("fp8", cache.clamp(-448, 448).to(FP8), grid)):
                 read = batch * context * kv_heads * dim * 2 * c.element_size()
-                backend = ta.TritonAttention()
-                rows = {}
-                want = None
-                half_dot = [(*defaults, False)] if name == "fp8" else []  # scores in bfloat16, not float16
-                for opt in [defaults, *[o for o in options if o != defaults], *half_dot]:
-                    ta.DECODE_TILE, ta.DECODE_WARPS, ta.DECODE_STAGES = opt[:3]
-                    ta.FP8_HALF_DOT = len(opt) == 3
+                rows, want = {}, None
+                for run in runs:
+                    if run is not None:
+                        ta.DECODE_OPTIONS[1] = run[:3]
+                    backend = ta.TritonAttention(run[3] if run else None)
                     res = torch.empty_like(q)
 
                     def call():
@@ -576,15 +574,13 @@ def kernel_sweep() -> dict:
 
                     us = replayed_us(call)
                     want = res.clone() if want is None else want
-                    key = "x".join(map(str, opt[:3])) + ("" if len(opt) == 3 else " bf16 dot")
-                    rows[key] = {"us": us, "TBps": read / us / 1e6,
-                                 "max_diff": (res.float() - want.float()).abs().max().item()}
+                    rows["x".join(map(str, run)) if run else "default"] = {
+                        "us": us, "TBps": read / us / 1e6, "max_diff": (res.float() - want.float()).abs().max().item()}
                 out[f"b{batch}_ctx{context}_{name}"] = rows
             del cache
             release()
     finally:
-        ta.DECODE_TILE, ta.DECODE_WARPS, ta.DECODE_STAGES = defaults
-        ta.FP8_HALF_DOT = True
+        ta.DECODE_OPTIONS[1] = fp8_default
     return out
 
 

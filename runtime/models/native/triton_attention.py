@@ -20,9 +20,10 @@ import triton.language as tl
 
 from runtime.models.native.attention import FP8, FP8_MAX, AttentionMetadata
 
-DECODE_TILE = 64  # keys per iteration
-DECODE_WARPS, DECODE_STAGES = 4, 3  # launch options of the decode kernel (scripts/gpu_native.py sweeps them)
-FP8_HALF_DOT = True  # see _half_dot (swept too)
+# The decode kernel's launch options (keys per tile, warps, pipeline stages) by the cache's bytes per element, as
+# swept on an H200 (`scripts/gpu_native.py --phases kernels`): a bfloat16 cache is read at the copy bandwidth with
+# 64-key tiles; a float8 cache needs 128-key tiles to keep enough bytes in flight.
+DECODE_OPTIONS = {1: (128, 4, 2), 2: (64, 4, 3), 4: (64, 4, 3)}
 PREFILL_TILE_M, PREFILL_TILE_N = 64, 64
 MAX_SPLITS = 16
 
@@ -183,9 +184,9 @@ def _precision(q: torch.Tensor) -> str:
 
 def _half_dot(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """bfloat16 queries over a float8 cache: scores and weighted values in float16 (float8 converts to float16 in
-    one instruction, to bfloat16 through float32; float16 has the finer mantissa, and queries, keys and softmax
-    weights stay far inside its range). `FP8_HALF_DOT` False: in bfloat16."""
-    return FP8_HALF_DOT and cache.dtype == FP8 and q.dtype == torch.bfloat16
+    one instruction, to bfloat16 through float32: 8 % faster on an H200; float16 has the finer mantissa, and
+    queries, keys and softmax weights stay far inside its range)."""
+    return cache.dtype == FP8 and q.dtype == torch.bfloat16
 
 
 def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
@@ -241,13 +242,14 @@ class TritonAttention:
             part_out = torch.empty(b, heads, splits, dim, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
         keys, values = cache[0], cache[1]
+        tile, warps, stages = DECODE_OPTIONS[cache.element_size()]
         _decode_partial[(b, kv_heads, splits)](
             q, keys, values, tables, lens, part_out, part_lse, scale, window or 0,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
             GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2],
-            TILE=DECODE_TILE, SPLITS=splits, PRECISION=_precision(q), HALF_DOT=_half_dot(q, cache),
-            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+            TILE=tile, SPLITS=splits, PRECISION=_precision(q), HALF_DOT=_half_dot(q, cache), num_warps=warps,
+            num_stages=stages)
         if splits == 1:
             return
         _decode_merge[(b, heads)](part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
