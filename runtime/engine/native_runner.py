@@ -226,8 +226,8 @@ class NativeRunner:
         if blocks:
             where = to_device([index_rows, index_cols], torch.long, self.device)
             self.block_table[where[0], where[1]] = to_device(blocks, torch.int32, self.device)
-        if fresh and self.backend.reads_unwritten_slots:  # a partly filled block's unwritten slots are read (masked):
-            # they must hold finite values
+        # a backend that reads a partly filled block's unwritten slots (masked) needs finite values there
+        if fresh and self.backend.reads_unwritten_slots:
             storage(self.caches).index_fill_(2, to_device(fresh, torch.long, self.device), 0)
 
     def inputs(self, plan: StepPlan, states: list[_SeqState]) -> StepInputs:
