@@ -30,6 +30,8 @@ Phases (JSON report, one key each):
 - kernels: the decode attention kernel alone on one layer of the 8B shape (batch 128 x 1,024 tokens, 32 x 2,048
   and 1 x 2,048), a bfloat16 cache, then a float8 cache over launch options (keys per tile, warps, pipeline stages,
   splits): time, the cache bytes read per second, and the output's largest difference from the first run's.
+- gemv: the batch-1 projections of the 8B shape, cuBLAS against the Triton GEMV over its launch options;
+  decode_cublas: batch-1 decode with cuBLAS for every projection (the GEMV's A/B against `decode`).
 """
 
 from __future__ import annotations
@@ -283,16 +285,18 @@ def decode_phase(path: Path, engine: AsyncEngine) -> dict:
 
 
 def matmuls_only_ms(model) -> float | None:
-    """The step's weight matmuls alone at batch 1 (every projection of every layer and the LM head, replayed from
-    one CUDA graph): what cuBLAS reaches on these shapes, the practical floor under the bandwidth floor."""
+    """The step's weight matmuls alone at batch 1 (every projection of every layer, through the kernel the engine
+    uses for one row, and the LM head, replayed from one CUDA graph): the practical floor under the bandwidth floor."""
     if DEVICE != "cuda":
         return None
-    weights = [p.weight for layer in model.projections() for p in layer.values()] + [model.lm_head.weight]
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=DEVICE) for w in weights}
+    projections = [p for layer in model.projections() for p in layer.values()]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=DEVICE)
+              for w in [p.weight for p in projections] + [model.lm_head.weight]}
 
     def step():
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        for p in projections:
+            p._linear(inputs[p.weight.shape[1]], None)
+        model.lm_head(inputs[model.lm_head.weight.shape[1]])
 
     step()
     graph = torch.cuda.CUDAGraph()
@@ -584,6 +588,54 @@ def kernel_sweep() -> dict:
     return out
 
 
+def gemv_sweep() -> dict:
+    """The batch-1 projections of the 8B shape: cuBLAS (F.linear) against the Triton GEMV over launch options
+    (rows per program, inputs per tile, warps, stages)."""
+    import runtime.models.native.triton_gemv as tg
+
+    h, i, v = LLAMA_8B["hidden_size"], LLAMA_8B["intermediate_size"], LLAMA_8B["vocab_size"]
+    shapes = {"qkv": (h + 2 * h // 4, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (v, h)}
+    grid = [(n, k, w, st) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for st in (1, 3)]
+    if DEVICE != "cuda":
+        shapes, grid = {"o": (64, 128), "down": (64, 256)}, grid[:2]
+    out: dict = {"default": tg.OPTIONS}
+    for name, shape in shapes.items():
+        rows = gemv_shape(*shape, grid)
+        best = min((r for r in rows if r != "cublas"), key=lambda r: rows[r]["us"])
+        default = "x".join(map(str, tg.OPTIONS))
+        out[name] = {"shape": shape, "cublas": rows["cublas"], "best": best, "best_row": rows[best],
+                     "default": rows.get(default), "all": rows}
+        log(name, json.dumps({key: value for key, value in out[name].items() if key != "all"}))
+        release()
+    return out
+
+
+def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
+    """One [n, k] weight: time, weight bytes read per second and largest error against a float32 product, for
+    cuBLAS and every launch option. Each timed call walks copies of the weight worth 4 × the L2 cache, so no read
+    hits it."""
+    import torch.nn.functional as F
+
+    import runtime.models.native.triton_gemv as tg
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if DEVICE == "cuda" else 1 << 20
+    g = torch.Generator(device=DEVICE).manual_seed(n + k)
+    copies = max(1, -(-4 * l2 // (n * k * 2)))
+    ws = [torch.randn(n, k, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(1, k, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    want = x.float() @ ws[-1].float().T
+    res = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
+    products = {"cublas": lambda w: F.linear(x, w)}
+    for opts in grid:
+        products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, o) or res
+    rows = {}
+    for key, product in products.items():
+        us = replayed_us(lambda p=product: [p(w) for w in ws], reps=4) / copies
+        rows[key] = {"us": us, "TBps": n * k * 2 / us / 1e6,
+                     "max_err": (product(ws[-1]).float() - want).abs().max().item()}
+    return rows
+
+
 def prefix_phase(path: Path, caching: bool) -> dict:
     engine = big_engine(path, prefix_caching=caching, max_batch_size=64)
     rng = random.Random(5)
@@ -727,6 +779,9 @@ def parse_args(out: str, phases: str, dry_run_help: str) -> tuple[argparse.Names
     ap.add_argument("--dry-run", action="store_true", help=dry_run_help)
     args = ap.parse_args()
     if args.dry_run:
+        import triton_interpreter  # the Triton kernels interpreted (tests/triton_interpreter.py)
+
+        triton_interpreter.enable()
         DEVICE = "cpu"
         LLAMA_8B.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=1100)
@@ -772,6 +827,16 @@ def main() -> None:
             on_own_engine(lambda engine: decode_and_throughput(engine, big, items, phases, record))
         if "kernels" in phases:
             record("kernels", kernel_sweep())
+        if "gemv" in phases:
+            record("gemv", gemv_sweep())
+        if "decode_cublas" in phases:  # batch-1 decode with cuBLAS for every projection (the Triton GEMV's A/B)
+            import runtime.models.native.triton_gemv as tg
+
+            usable, tg.usable = tg.usable, lambda weight: False
+            try:
+                on_own_engine(lambda engine: record("decode_bs1_cublas", decode_phase(big, engine)))
+            finally:
+                tg.usable = usable
         for flag in ("profile", "profile_compiled", "profile_bs1"):
             if flag in phases:
                 batch = 1 if flag == "profile_bs1" else 128 if DEVICE == "cuda" else 4

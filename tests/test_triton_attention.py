@@ -114,3 +114,50 @@ def test_engine_tokens_with_triton_kernels_and_the_graph_decode_path(tiny_model)
     finally:
         torch_engine.shutdown()
         triton_engine.shutdown()
+
+
+@pytest.mark.parametrize("n, k, bias, dtype", [
+    (24, 1024, False, torch.bfloat16),  # even: the kernel's unmasked loads
+    (37, 700, True, torch.bfloat16),  # rows and inputs that do not fill the last tile
+    (40, 1536, True, torch.float16),
+])
+def test_gemv_matches_a_float32_product(n, k, bias, dtype):
+    """The batch-1 projection kernel: float32 accumulation, bias added before the one rounding."""
+    from runtime.models.native.triton_gemv import gemv
+
+    g = torch.Generator().manual_seed(n)
+    x, w = torch.randn(1, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    want = x.float() @ w.float().T + (b.float() if bias else 0)
+    got = gemv(x, w, b)
+    assert got.shape == (1, n) and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype)) or torch.allclose(got.float(), want, rtol=2**-7, atol=1e-2)
+    assert (got.float() - want).abs().max().item() <= want.abs().max().item() * 2**-7
+
+
+def test_batch_one_decodes_through_the_gemv_kernel(tiny_model):
+    """bfloat16 weights with the Triton backend: one-row decode steps take the GEMV kernel for every projection,
+    with the same greedy tokens as F.linear gives."""
+    from runtime.models.native import triton_gemv
+
+    path = str(tiny_model("llama"))
+    common = dict(model_path=path, engine="native", dtype="bfloat16", attention_backend="triton", max_batch_size=2)
+    plain = AsyncEngine(EngineConfig(**common))
+    for layer in plain.core.runner.model.projections():
+        for projection in layer.values():
+            projection.matvec = None
+    fused = AsyncEngine(EngineConfig(**common))
+    calls = []
+    for layer in fused.core.runner.model.projections():
+        for projection in layer.values():
+            assert projection.matvec is triton_gemv.gemv
+            projection.matvec = lambda *args: calls.append(1) or triton_gemv.gemv(*args)
+    try:
+        for prompt in PROMPTS[:2]:
+            want = run(plain, [request(plain, prompt, max_new_tokens=6)])
+            got = run(fused, [request(fused, prompt, max_new_tokens=6)])
+            assert got[0].token_ids == want[0].token_ids and len(got[0].token_ids) == 6
+        assert len(calls) == 2 * 5 * 4 * fused.core.runner.model.config.num_layers  # 5 one-row steps per prompt
+    finally:
+        plain.shutdown()
+        fused.shutdown()

@@ -77,6 +77,10 @@ class NativeRunner:
         self.lora: NativeLoraManager | None = None
         self.graphs = None
         self.sharded = dist.is_initialized() and dist.get_world_size() > 1
+        if not isinstance(self.backend, TorchAttention):  # Triton is there: batch-1 projections use its GEMV
+            from runtime.models.native.triton_gemv import install
+
+            install(self.model)
         if config.compile or (config.compile is None and self.device.type == "cuda"):
             self.model.compile()  # fuses the norms, rotary, activation and residuals between the kernels
 

@@ -7,6 +7,8 @@ up by name at run time, so fused projections, CUDA graphs and torch.compile all 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,7 +34,9 @@ class RMSNorm(nn.Module):
 
 class Projection(nn.Module):
     """y = x Wᵀ (+ b) (+ this token's LoRA delta); `reduce`: the output is a partial sum over tensor-parallel ranks
-    (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once."""
+    (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once.
+    `matvec`: a kernel for one-row inputs (batch-1 decode) with F.linear's signature, set by the runner where it
+    has one (runtime/models/native/triton_gemv.py)."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False):
         """`parts`: output sizes of the fused projections (e.g. [q, k, v]), in order."""
@@ -43,14 +47,19 @@ class Projection(nn.Module):
         self.lora_parts = parts
         self.lora: StackedLora | None = None  # set when an adapter targets this projection
         self.slots: LoraSlots | None = None
+        self.matvec: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduce:
-            y = F.linear(x, self.weight, self.bias)
-            return self._with_lora(x, y)
-        y = self._with_lora(x, F.linear(x, self.weight))
+            return self._with_lora(x, self._linear(x, self.bias))
+        y = self._with_lora(x, self._linear(x, None))
         dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.matvec is not None and x.shape[0] == 1:
+            return self.matvec(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
 
     def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and self.slots is not None and self.slots.active is not None:
