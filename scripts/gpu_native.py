@@ -289,14 +289,14 @@ def matmuls_only_ms(model) -> float | None:
     uses for one row, and the LM head, replayed from one CUDA graph): the practical floor under the bandwidth floor."""
     if DEVICE != "cuda":
         return None
-    projections = [p for layer in model.projections() for p in layer.values()]
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=DEVICE)
-              for w in [p.weight for p in projections] + [model.lm_head.weight]}
+    projections = [p for layer in model.projections() for p in layer.values()] + [model.lm_head]
+    inputs = {p.weight.shape[1]: torch.randn(1, p.weight.shape[1], dtype=p.weight.dtype, device=DEVICE)
+              for p in projections}
 
     def step():
         for p in projections:
-            p._linear(inputs[p.weight.shape[1]], None)
-        model.lm_head(inputs[model.lm_head.weight.shape[1]])
+            x = inputs[p.weight.shape[1]]
+            p.matvec(x, p.weight) if p.matvec is not None else torch.nn.functional.linear(x, p.weight)
 
     step()
     graph = torch.cuda.CUDAGraph()
@@ -598,11 +598,11 @@ def gemv_sweep() -> dict:
     grid = [(n, k, w, st) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for st in (1, 3)]
     if DEVICE != "cuda":
         shapes, grid = {"o": (64, 128), "down": (64, 256)}, grid[:2]
-    out: dict = {"default": tg.OPTIONS}
+    out: dict = {"options": {str(n): o for n, o in tg.OPTIONS.items()}}
     for name, shape in shapes.items():
         rows = gemv_shape(*shape, grid)
         best = min((r for r in rows if r != "cublas"), key=lambda r: rows[r]["us"])
-        default = "x".join(map(str, tg.OPTIONS))
+        default = "x".join(map(str, tg.options(shape[0])))
         out[name] = {"shape": shape, "cublas": rows["cublas"], "best": best, "best_row": rows[best],
                      "default": rows.get(default), "all": rows}
         log(name, json.dumps({key: value for key, value in out[name].items() if key != "all"}))
@@ -627,7 +627,7 @@ def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     res = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
     products = {"cublas": lambda w: F.linear(x, w)}
     for opts in grid:
-        products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, o) or res
+        products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, chosen=o) or res
     rows = {}
     for key, product in products.items():
         us = replayed_us(lambda p=product: [p(w) for w in ws], reps=4) / copies

@@ -135,29 +135,56 @@ def test_gemv_matches_a_float32_product(n, k, bias, dtype):
     assert (got.float() - want).abs().max().item() <= want.abs().max().item() * 2**-7
 
 
+@pytest.mark.parametrize("even", [True, False])
+def test_gemv_computes_its_input_as_the_modules_do(even):
+    """The kernel's prologues, RMSNorm of the input (qkv, gate_up) and silu(gate) · up (down), and its epilogue, the
+    residual added to the scaled product (output, down), rounded step by step as the unfused bfloat16 modules round."""
+    from runtime.models.native.layers import RMSNorm
+    from runtime.models.native.triton_gemv import gemv
+
+    n, k = (32, 1024) if even else (30, 700)
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.data = torch.rand(k, generator=g).to(torch.bfloat16) + 0.5
+    x = (torch.randn(1, k, generator=g) * 3).to(torch.bfloat16)
+    want = (norm(x).float() @ w.float().T).to(torch.bfloat16)
+    got = gemv(x, w, None, norm.weight, norm.eps)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+    gate_up = torch.randn(1, 2 * k, generator=g).to(torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = ((torch.nn.functional.silu(gate) * up).float() @ w.float().T).to(torch.bfloat16)
+    got = gemv(gate_up, w, None, None, 0.0, True)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+    residual, b = torch.randn(1, n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
+    for scale in (1.0, 0.22):  # Granite's residual multiplier
+        y = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
+        want = residual + (y if scale == 1.0 else y * scale)
+        got = gemv(x, w, b, None, 0.0, False, residual, scale)
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+
+
 def test_batch_one_decodes_through_the_gemv_kernel(tiny_model):
-    """bfloat16 weights with the Triton backend: one-row decode steps take the GEMV kernel for every projection,
-    with the same greedy tokens as F.linear gives."""
+    """bfloat16 weights with the Triton backend: one-row decode steps take the GEMV kernel for every projection and
+    the LM head, with the same greedy tokens as F.linear gives."""
     from runtime.models.native import triton_gemv
 
     path = str(tiny_model("llama"))
     common = dict(model_path=path, engine="native", dtype="bfloat16", attention_backend="triton", max_batch_size=2)
-    plain = AsyncEngine(EngineConfig(**common))
-    for layer in plain.core.runner.model.projections():
-        for projection in layer.values():
-            projection.matvec = None
-    fused = AsyncEngine(EngineConfig(**common))
+    engines = plain, fused = AsyncEngine(EngineConfig(**common)), AsyncEngine(EngineConfig(**common))
+    projections = [[p for layer in e.core.runner.model.projections() for p in layer.values()]
+                   + [e.core.runner.model.lm_head] for e in engines]
     calls = []
-    for layer in fused.core.runner.model.projections():
-        for projection in layer.values():
-            assert projection.matvec is triton_gemv.gemv
-            projection.matvec = lambda *args: calls.append(1) or triton_gemv.gemv(*args)
+    for a, b in zip(*projections, strict=True):
+        assert a.matvec is b.matvec is triton_gemv.gemv
+        a.matvec, b.matvec = None, lambda *args: calls.append(1) or triton_gemv.gemv(*args)
     try:
         for prompt in PROMPTS[:2]:
             want = run(plain, [request(plain, prompt, max_new_tokens=6)])
             got = run(fused, [request(fused, prompt, max_new_tokens=6)])
             assert got[0].token_ids == want[0].token_ids and len(got[0].token_ids) == 6
-        assert len(calls) == 2 * 5 * 4 * fused.core.runner.model.config.num_layers  # 5 one-row steps per prompt
+        # per prompt 5 one-row steps through everything, and the LM head on the prompt step's one sampled row
+        assert len(calls) == 2 * (5 * len(projections[1]) + 1)
     finally:
         plain.shutdown()
         fused.shutdown()

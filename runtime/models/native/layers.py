@@ -34,37 +34,50 @@ class RMSNorm(nn.Module):
 
 class Projection(nn.Module):
     """y = x Wᵀ (+ b) (+ this token's LoRA delta); `reduce`: the output is a partial sum over tensor-parallel ranks
-    (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once.
-    `matvec`: a kernel for one-row inputs (batch-1 decode) with F.linear's signature, set by the runner where it
-    has one (runtime/models/native/triton_gemv.py)."""
+    (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once. `gated`: the
+    input is [gate | up] and the product takes silu(gate) · up (a gated MLP's down projection). `matvec`: a kernel
+    for one-row inputs (batch-1 decode) that also computes the input (`norm`, `gated`) and adds the residual, set
+    by the runner where it has one (runtime/models/native/triton_gemv.py): at batch 1 the small kernels between
+    the products cost as much as the products' own inefficiency."""
 
-    def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False):
+    def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False, gated: bool = False):
         """`parts`: output sizes of the fused projections (e.g. [q, k, v]), in order."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(sum(parts), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(sum(parts)), requires_grad=False) if bias else None
-        self.reduce = reduce
+        self.reduce, self.gated = reduce, gated
         self.lora_parts = parts
         self.lora: StackedLora | None = None  # set when an adapter targets this projection
         self.slots: LoraSlots | None = None
         self.matvec: Callable[..., torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reduce:
-            return self._with_lora(x, self._linear(x, self.bias))
-        y = self._with_lora(x, self._linear(x, None))
-        dist.all_reduce(y)
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
+        """`norm`: applied to x first; returns residual + scale · y when `residual` is given."""
+        bias = None if self.reduce else self.bias
+        if self.matvec is not None and x.shape[0] == 1 and not self._lora_active():
+            fused = None if self.reduce else residual  # a partial sum is completed before the residual joins
+            y = self.matvec(x, self.weight, bias, None if norm is None else norm.weight,
+                            0.0 if norm is None else norm.eps, self.gated, fused, scale if fused is not None else 1.0)
+            if fused is not None:
+                return y
+        else:
+            x = x if norm is None else norm(x)
+            if self.gated:
+                gate, up = x.chunk(2, dim=-1)
+                x = F.silu(gate) * up
+            y = F.linear(x, self.weight, bias)
+            if self._lora_active():
+                y = y + self.lora.delta(x, self.slots)
+        if self.reduce:
+            dist.all_reduce(y)
+            y = y if self.bias is None else y + self.bias
+        if residual is None:
+            return y
+        return residual + (y if scale == 1.0 else y * scale)
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.matvec is not None and x.shape[0] == 1:
-            return self.matvec(x, self.weight, bias)
-        return F.linear(x, self.weight, bias)
-
-    def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.lora is not None and self.slots is not None and self.slots.active is not None:
-            y = y + self.lora.delta(x, self.slots)
-        return y
+    def _lora_active(self) -> bool:
+        return self.lora is not None and self.slots is not None and self.slots.active is not None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runtime.models.native.attention import AttentionBackend, AttentionMetadata
@@ -41,11 +40,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale, self.window = cfg.scale, cfg.sliding_window
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of `x` ([T, heads, D] views of one fused matmul), q/k-normed where the model
-        has it; the attention backend rotates them (on the GPU fused with the cache write)."""
+    def project(self, x: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `norm(x)` ([T, heads, D] views of one fused matmul), q/k-normed where the
+        model has it; the attention backend rotates them (on the GPU fused with the cache write)."""
         t, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q, k, v = self.qkv(x, norm).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q, k, v = q.view(t, self.heads, d), k.view(t, self.kv_heads, d), v.view(t, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -56,11 +55,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: NativeConfig, shape: TPShape):
         super().__init__()
         self.gate_up = Projection(cfg.hidden_size, [shape.intermediate, shape.intermediate], cfg.mlp_bias)
-        self.down = Projection(shape.intermediate, [cfg.hidden_size], cfg.mlp_bias, reduce=shape.parallel)
+        self.down = Projection(shape.intermediate, [cfg.hidden_size], cfg.mlp_bias, reduce=shape.parallel,
+                               gated=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, norm: RMSNorm, scale: float) -> torch.Tensor:
+        """x + scale · down(silu(gate) · up) of `norm(x)`."""
+        return self.down(self.gate_up(x, norm), residual=x, scale=scale)
 
 
 class DecoderLayer(nn.Module):
@@ -77,14 +77,11 @@ class DecoderLayer(nn.Module):
         self.residual_multiplier = cfg.residual_multiplier
 
     def before_attention(self, x):
-        return self.attn.project(self.input_norm(x))
+        return self.attn.project(x, self.input_norm)
 
     def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        m = self.residual_multiplier
-        h = self.attn.o(attended.reshape(x.shape[0], -1))
-        x = x + (h if m == 1.0 else h * m)
-        h = self.mlp(self.post_attention_norm(x))
-        return x + (h if m == 1.0 else h * m)
+        x = self.attn.o(attended.reshape(x.shape[0], -1), residual=x, scale=self.residual_multiplier)
+        return self.mlp(x, self.post_attention_norm, self.residual_multiplier)
 
     def forward(self, x, cos, sin, cache, meta, backend, stages=None) -> torch.Tensor:
         """`stages`: compiled (before, after) functions of (layer, tensors), shared by every layer."""

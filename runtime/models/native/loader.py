@@ -19,6 +19,7 @@ from torch import nn
 from runtime.engine.config import EngineConfig
 from runtime.models.loader import LoadedModel, resolve_device, resolve_dtype, special_ids
 from runtime.models.native.config import NativeConfig, rotary_tables
+from runtime.models.native.layers import Projection
 from runtime.models.native.llama import NativeCausalLM, TPShape
 from runtime.parallel.layers import VocabParallelEmbedding, VocabParallelLMHead, take
 from runtime.parallel.rules import plan, rule_for
@@ -79,7 +80,7 @@ def load_native(config: EngineConfig, shard: tuple[int, int] | None = None) -> L
     with torch.device("meta"):  # parameters get memory once, on the device, in the serving dtype
         model = NativeCausalLM(cfg, shape, cos, sin)
         model.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size, _freeze=True)
-        model.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
+        model.lm_head = Projection(cfg.hidden_size, [vocab_rows], bias=False)
     model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives shared parameters separate storage
         model.lm_head.weight = model.embed_tokens.weight

@@ -1,10 +1,11 @@
 """A Triton matrix-vector product for one-row projections (batch-1 decode) in half precision.
 
-Why: at batch 1 a decode step is the weights read once, and cuBLAS's choices for these shapes leave bandwidth unused.
-On an H200 (`scripts/gpu_native.py --phases gemv`, docs/benchmarks.md) the 4,096-column Q/K/V and output projections
-ran at ~3.1 TB/s of the 4.2 the copy reaches, and the two projections cuBLAS splits along the inputs (output, down)
-added a reduction kernel and a device copy each. Here every program owns `BLOCK_N` output rows and walks all of K
-once: no split, no second kernel. Accumulation is float32 (as cuBLAS does), the bias added before the one rounding.
+Why: at batch 1 a decode step is the weights read once, and cuBLAS's choices for these shapes leave bandwidth unused:
+on an H200 (`scripts/gpu_native.py --phases gemv`, docs/benchmarks.md) it read the 8B shape's Q/K/V weights at
+3.0 TB/s, the output projection's at 2.7 and the LM head's at 3.8, where this kernel reaches 3.6, 3.2 and 4.5; and
+the two projections cuBLAS splits along the inputs (output, down) cost a reduction kernel and a device copy each.
+Here every program owns `BLOCK_N` output rows and walks all of K once: no split, no second kernel. Accumulation is
+float32 (as cuBLAS does), the bias added before the one rounding.
 
 It is a torch custom op, so torch.compile sees an opaque call and CUDA graphs capture the launch as is.
 """
@@ -15,54 +16,109 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch options (output rows per program, inputs per tile, warps, stages), as swept on an H200
-# (`scripts/gpu_native.py --phases gemv`).
-OPTIONS = (8, 512, 4, 3)
+from runtime.models.native.layers import Projection
+
+# Launch options (output rows per program, inputs per tile, warps, stages) by output size, as swept on an H200
+# (`scripts/gpu_native.py --phases gemv`): 4,096 outputs (the 8B shape's output and down projections) run best as
+# 256 programs of 8 warps reading 16 × 1,024-element tiles, more outputs as 8 × 512 tiles of 4 warps.
+OPTIONS = {4096: (16, 1024, 8, 1), 1 << 62: (8, 512, 4, 3)}
 HALF = (torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+def _load(ptrs, ok, EVEN: tl.constexpr):
+    if EVEN:  # no masks: wide vector loads
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _input(x_ptr, nw_ptr, cols, ok, K, r, NORM: tl.constexpr, GATED: tl.constexpr, EVEN: tl.constexpr):
+    """One tile of the product's input in float32, computed and rounded as the unfused modules do: RMSNorm
+    (normalised in float32, rounded, scaled by its weight, rounded) or silu(gate) (rounded) · up (rounded)."""
+    dtype = x_ptr.dtype.element_ty
+    x = _load(x_ptr + cols, ok, EVEN)
+    if NORM:
+        x = (_load(nw_ptr + cols, ok, EVEN).to(tl.float32) * (x.to(tl.float32) * r).to(dtype).to(tl.float32))
+    if GATED:
+        gate = x.to(tl.float32)
+        up = _load(x_ptr + K + cols, ok, EVEN).to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scale, HAS_BIAS: tl.constexpr,
+          NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    r = 0.0
+    if NORM:  # every program reduces the (small) input row itself: no separate norm kernel
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            squares += x * x
+        r = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        if EVEN:  # no masks: wide vector loads
-            x = tl.load(x_ptr + cols)
-            w = tl.load(w_rows + cols[None, :])
-        else:
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        ok = cols < K
+        x = _input(x_ptr, nw_ptr, cols, ok, K, r, NORM, GATED, EVEN)
+        w = _load(w_rows + cols[None, :], row_ok[:, None] & ok[None, :], EVEN)
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    dtype = y_ptr.dtype.element_ty
+    y = y.to(dtype)
+    if SCALED:
+        y = (y.to(tl.float32) * scale).to(dtype)
+    if RESIDUAL:  # residual + y, rounded as the unfused add rounds
+        y = (tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
+    tl.store(y_ptr + rows, y, mask=row_ok)
+
+
+def options(n: int) -> tuple[int, int, int, int]:
+    return OPTIONS[min(size for size in OPTIONS if size >= n)]
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-           options: tuple[int, int, int, int] = OPTIONS) -> None:
+           norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+           residual: torch.Tensor | None = None, scale: float = 1.0,
+           chosen: tuple[int, int, int, int] | None = None) -> None:
+    """`chosen`: launch options instead of `options(N)` (the sweep's)."""
     n, k = weight.shape
-    block_n, block_k, warps, stages = options
-    _gemv[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k, weight.stride(0),
-                                      HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                      EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps,
-                                      num_stages=stages)
+    block_n, block_k, warps, stages = chosen or options(n)
+    _gemv[(triton.cdiv(n, block_n),)](
+        x, weight, out if bias is None else bias, out if norm_weight is None else norm_weight,
+        out if residual is None else residual, out, n, k, weight.stride(0), eps, scale, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, SCALED=scale != 1.0,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps,
+        num_stages=stages)
 
 
 @torch.library.custom_op("tgis::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]ᵀ (+ bias [N]) → [1, N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+         residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """residual + scale · (input [1, K] @ weight [N, K]ᵀ + bias [N]) → [1, N] in x's dtype (each term optional,
+    each step rounded as the unfused modules round), where input is RMSNorm(x) with `norm_weight` and `eps` when
+    given, silu(gate) · up of x = [gate | up] ([1, 2K]) when `gated`, else x."""
     out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
-    launch(x.contiguous(), weight, bias, out)
+    launch(x.contiguous(), weight, bias, out, norm_weight, eps, gated,
+           None if residual is None else residual.contiguous(), scale)
     return out
 
 
 @gemv.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+      norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+      residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     return x.new_empty(1, weight.shape[0])
 
 
@@ -72,8 +128,9 @@ def usable(weight: torch.Tensor) -> bool:
 
 
 def install(model) -> None:
-    """Route the one-row products of every half-precision projection through `gemv`."""
-    for layer in model.projections():
-        for projection in layer.values():
-            if usable(projection.weight):
-                projection.matvec = gemv
+    """Route the one-row products of every half-precision projection (and of the LM head, unless it is split over
+    ranks) through `gemv`."""
+    head = [model.lm_head] if isinstance(model.lm_head, Projection) else []
+    for projection in [p for layer in model.projections() for p in layer.values()] + head:
+        if usable(projection.weight):
+            projection.matvec = gemv
