@@ -521,8 +521,9 @@ def profile_phase(path: Path, batch: int = 128, compile_model: bool = False) -> 
         release()
 
 
-def replayed_us(call, reps: int = 20) -> float:
-    """Device time of one `call`: `reps` calls captured in one CUDA graph (no launch gaps), timed by events."""
+def replayed_us(call, reps: int = 20, repeats: int = 5) -> float:
+    """Device time of one `call`: `reps` calls captured in one CUDA graph (no launch gaps), timed by events; the
+    median of `repeats` replays."""
     call()
     sync()
     if DEVICE != "cuda":
@@ -534,12 +535,15 @@ def replayed_us(call, reps: int = 20) -> float:
         for _ in range(reps):
             call()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    sync()
-    return start.elapsed_time(end) / reps * 1000
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        sync()
+        times.append(start.elapsed_time(end) / reps * 1000)
+    return statistics.median(times)
 
 
 def kernel_sweep() -> dict:
@@ -601,10 +605,11 @@ def gemv_sweep() -> dict:
     out: dict = {"options": {str(n): o for n, o in tg.OPTIONS.items()}}
     for name, shape in shapes.items():
         rows = gemv_shape(*shape, grid)
-        best = min((r for r in rows if r != "cublas"), key=lambda r: rows[r]["us"])
+        best = min((r for r in rows if r[0].isdigit()), key=lambda r: rows[r]["us"])
         default = "x".join(map(str, tg.options(shape[0])))
         out[name] = {"shape": shape, "cublas": rows["cublas"], "best": best, "best_row": rows[best],
-                     "default": rows.get(default), "all": rows}
+                     "default": rows.get(default), **{f: rows[f] for f in ("norm", "gated", "residual")},
+                     "all": rows}
         log(name, json.dumps({key: value for key, value in out[name].items() if key != "all"}))
         release()
     return out
@@ -612,8 +617,9 @@ def gemv_sweep() -> dict:
 
 def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     """One [n, k] weight: time, weight bytes read per second and largest error against a float32 product, for
-    cuBLAS and every launch option. Each timed call walks copies of the weight worth 4 × the L2 cache, so no read
-    hits it."""
+    cuBLAS, every launch option, and the default options with each prologue and epilogue the engine uses (RMSNorm
+    of the input, silu(gate) · up, the residual added). Each timed call walks copies of the weight worth 4 × the L2
+    cache, so no read hits it."""
     import torch.nn.functional as F
 
     import runtime.models.native.triton_gemv as tg
@@ -622,12 +628,16 @@ def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(n + k)
     copies = max(1, -(-4 * l2 // (n * k * 2)))
     ws = [torch.randn(n, k, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(copies)]
-    x = torch.randn(1, k, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    x, x2 = (torch.randn(1, m, device=DEVICE, generator=g, dtype=torch.bfloat16) for m in (k, 2 * k))
+    norm, residual = torch.ones(k, device=DEVICE, dtype=torch.bfloat16), torch.zeros_like(x[:, :1].expand(1, n))
     want = x.float() @ ws[-1].float().T
     res = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
     products = {"cublas": lambda w: F.linear(x, w)}
     for opts in grid:
         products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, chosen=o) or res
+    products["norm"] = lambda w: tg.launch(x, w, None, res, norm, 1e-5) or res
+    products["gated"] = lambda w: tg.launch(x2, w, None, res, gated=True) or res
+    products["residual"] = lambda w: tg.launch(x, w, None, res, residual=residual.contiguous()) or res
     rows = {}
     for key, product in products.items():
         us = replayed_us(lambda p=product: [p(w) for w in ws], reps=4) / copies

@@ -135,10 +135,16 @@ def test_gemv_matches_a_float32_product(n, k, bias, dtype):
     assert (got.float() - want).abs().max().item() <= want.abs().max().item() * 2**-7
 
 
+def _within_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Products of ~1,000 terms in bfloat16: the largest difference within 2⁻⁷ of the largest output (entries near
+    zero after cancellation carry the others' rounding)."""
+    return (got.float() - want.float()).abs().max().item() <= 2**-7 * want.float().abs().max().item()
+
+
 @pytest.mark.parametrize("even", [True, False])
 def test_gemv_computes_its_input_as_the_modules_do(even):
-    """The kernel's prologues, RMSNorm of the input (qkv, gate_up) and silu(gate) · up (down), and its epilogue, the
-    residual added to the scaled product (output, down), rounded step by step as the unfused bfloat16 modules round."""
+    """The kernel's prologues, RMSNorm of the input (qkv, gate_up: in float32 throughout) and silu(gate) · up (down,
+    rounded as the modules round), and its epilogue, the residual added to the scaled product (output, down)."""
     from runtime.models.native.layers import RMSNorm
     from runtime.models.native.triton_gemv import gemv
 
@@ -150,18 +156,18 @@ def test_gemv_computes_its_input_as_the_modules_do(even):
     x = (torch.randn(1, k, generator=g) * 3).to(torch.bfloat16)
     want = (norm(x).float() @ w.float().T).to(torch.bfloat16)
     got = gemv(x, w, None, norm.weight, norm.eps)
-    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+    assert _within_rounding(got, want)
     gate_up = torch.randn(1, 2 * k, generator=g).to(torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
     want = ((torch.nn.functional.silu(gate) * up).float() @ w.float().T).to(torch.bfloat16)
     got = gemv(gate_up, w, None, None, 0.0, True)
-    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+    assert _within_rounding(got, want)
     residual, b = torch.randn(1, n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
     for scale in (1.0, 0.22):  # Granite's residual multiplier
         y = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
         want = residual + (y if scale == 1.0 else y * scale)
         got = gemv(x, w, b, None, 0.0, False, residual, scale)
-        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+        assert _within_rounding(got, want)
 
 
 def test_batch_one_decodes_through_the_gemv_kernel(tiny_model):

@@ -35,46 +35,32 @@ def _load(ptrs, ok, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _input(x_ptr, nw_ptr, cols, ok, K, r, NORM: tl.constexpr, GATED: tl.constexpr, EVEN: tl.constexpr):
-    """One tile of the product's input in float32, computed and rounded as the unfused modules do: RMSNorm
-    (normalised in float32, rounded, scaled by its weight, rounded) or silu(gate) (rounded) · up (rounded)."""
-    dtype = x_ptr.dtype.element_ty
-    x = _load(x_ptr + cols, ok, EVEN)
-    if NORM:
-        x = (_load(nw_ptr + cols, ok, EVEN).to(tl.float32) * (x.to(tl.float32) * r).to(dtype).to(tl.float32))
-    if GATED:
-        gate = x.to(tl.float32)
-        up = _load(x_ptr + K + cols, ok, EVEN).to(tl.float32)
-        x = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scale, HAS_BIAS: tl.constexpr,
           NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    dtype = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    r = 0.0
-    if NORM:  # every program reduces the (small) input row itself: no separate norm kernel
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            squares += x * x
-        r = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    squares = tl.zeros([BLOCK_K], tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         ok = cols < K
-        x = _input(x_ptr, nw_ptr, cols, ok, K, r, NORM, GATED, EVEN)
+        x = _load(x_ptr + cols, ok, EVEN).to(tl.float32)
+        if NORM:  # RMSNorm(x) · W = r · ((norm weight ⊙ x) · W): the squares summed on the way, r applied last
+            squares += x * x
+            x = x * _load(nw_ptr + cols, ok, EVEN).to(tl.float32)
+        if GATED:  # silu(gate) · up, each rounded as the unfused modules round
+            up = _load(x_ptr + K + cols, ok, EVEN).to(tl.float32)
+            x = ((x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
         w = _load(w_rows + cols[None, :], row_ok[:, None] & ok[None, :], EVEN)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    dtype = y_ptr.dtype.element_ty
     y = y.to(dtype)
     if SCALED:
         y = (y.to(tl.float32) * scale).to(dtype)
@@ -107,8 +93,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
          residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """residual + scale · (input [1, K] @ weight [N, K]ᵀ + bias [N]) → [1, N] in x's dtype (each term optional,
-    each step rounded as the unfused modules round), where input is RMSNorm(x) with `norm_weight` and `eps` when
-    given, silu(gate) · up of x = [gate | up] ([1, 2K]) when `gated`, else x."""
+    each step rounded as the unfused modules round), where input is silu(gate) · up of x = [gate | up] ([1, 2K])
+    when `gated`, RMSNorm(x) with `norm_weight` and `eps` when given (in float32 throughout, where the module
+    rounds the normalised row twice: within one bfloat16 step per element), else x."""
     out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
     launch(x.contiguous(), weight, bias, out, norm_weight, eps, gated,
            None if residual is None else residual.contiguous(), scale)
