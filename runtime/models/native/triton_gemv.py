@@ -19,26 +19,17 @@ import triton.language as tl
 from runtime.models.native.layers import Projection
 
 # Launch options (output rows per program, inputs per tile, warps, stages) by output size, as swept on an H200
-# (`scripts/gpu_native.py --phases gemv`): 4,096 outputs (the 8B shape's output and down projections) run best as
-# 256 programs of 8 warps reading 16 × 1,024-element tiles, more outputs as 8 × 512 tiles of 4 warps.
-OPTIONS = {4096: (16, 1024, 8, 1), 1 << 62: (8, 512, 4, 3)}
+# (`scripts/gpu_native.py --phases gemv`, medians of interleaved runs): the 8B shape's 4,096-output projections
+# (output, down) run best as 256 programs of 8 warps over 16 × 1,024 tiles, Q/K/V (6,144) as 8 × 512 tiles with
+# three stages, gate-up and the LM head as 16 × 256 tiles of 4 warps.
+OPTIONS = {4096: (16, 1024, 8, 1), 8192: (8, 512, 4, 3), 1 << 62: (16, 256, 4, 1)}
 HALF = (torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _load(ptrs, ok, EVEN: tl.constexpr):
-    if EVEN:  # no masks: wide vector loads
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=ok, other=0.0)
-    return x
 
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scale, HAS_BIAS: tl.constexpr,
           NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    dtype = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
@@ -46,21 +37,28 @@ def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scal
     squares = tl.zeros([BLOCK_K], tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        ok = cols < K
-        x = _load(x_ptr + cols, ok, EVEN).to(tl.float32)
+        if EVEN:  # no masks: wide vector loads
+            x = tl.load(x_ptr + cols)
+            w = tl.load(w_rows + cols[None, :])
+        else:
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
         if NORM:  # RMSNorm(x) · W = r · ((norm weight ⊙ x) · W): the squares summed on the way, r applied last
+            x = x.to(tl.float32)
             squares += x * x
-            x = x * _load(nw_ptr + cols, ok, EVEN).to(tl.float32)
+            x = x * tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         if GATED:  # silu(gate) · up, each rounded as the unfused modules round
-            up = _load(x_ptr + K + cols, ok, EVEN).to(tl.float32)
-            x = ((x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
-        w = _load(w_rows + cols[None, :], row_ok[:, None] & ok[None, :], EVEN)
-        acc += w.to(tl.float32) * x[None, :]
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = ((gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32) * up).to(
+                x_ptr.dtype.element_ty)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    dtype = y_ptr.dtype.element_ty
     y = y.to(dtype)
     if SCALED:
         y = (y.to(tl.float32) * scale).to(dtype)
