@@ -262,13 +262,15 @@ def decode_phase(path: Path, engine: AsyncEngine) -> dict:
     bandwidth = copy_bandwidth()
     prompt = [random.Random(1).randrange(16, 1000) for _ in range(128)]
 
-    def once(tag: str) -> float:
+    def once(tag: str, batch: int = 1) -> float:
         """Median time between two decode steps' read-backs: per-token latency whether or not the host plans a step
-        while the one before runs (a step's own duration then spans two)."""
-        req = EngineRequest(tag, prompt, GenerationParams(max_new_tokens=256, min_new_tokens=256))
+        while the one before runs (a step's own duration then spans two). `batch` rows decode together."""
+        reqs = [EngineRequest(f"{tag}-{i}", prompt[i:] + prompt[:i], GenerationParams(max_new_tokens=256,
+                                                                                      min_new_tokens=256))
+                for i in range(batch)]
         done: list[float] = []
         engine.add_step_listener(lambda s: done.append(time.perf_counter()) if s.method == "next_token" else None)
-        run_all(engine, [req])
+        run_all(engine, reqs, stagger=0)
         engine.listeners.pop()
         return statistics.median(b - a for a, b in itertools.pairwise(done)) * 1000
 
@@ -281,6 +283,9 @@ def decode_phase(path: Path, engine: AsyncEngine) -> dict:
         ms = min(once(f"lat-{i}") for i in range(3))
         key = "async" if mode else "sync"
         out[f"ms_per_token_{key}"], out[f"ratio_to_floor_{key}"] = ms, ms / floor
+    for batch in (2, 4, 8, 16):  # small batches (async): ms per step
+        once(f"warm{batch}", batch)
+        out[f"ms_per_step_batch{batch}"] = min(once(f"b{batch}-{i}", batch) for i in range(2))
     return out
 
 
