@@ -605,10 +605,9 @@ def gemv_sweep() -> dict:
     h, i, v = LLAMA_8B["hidden_size"], LLAMA_8B["intermediate_size"], LLAMA_8B["vocab_size"]
     shapes = {"qkv": (h + 2 * h // 4, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (v, h)}
     grid = [(n, k, w, st) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for st in (1, 3)]
-    skinny = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (32, 512, 4, 3), (64, 256, 8, 3), (16, 512, 4, 3)]
     if DEVICE != "cuda":
-        shapes, grid, skinny = {"o": (64, 128), "down": (64, 256)}, grid[:2], skinny[:2]
-    out: dict = {"options": {str(n): o for n, o in tg.OPTIONS.items()}, "skinny_options": tg.SKINNY_OPTIONS}
+        shapes, grid = {"o": (64, 128), "down": (64, 256)}, grid[:2]
+    out: dict = {"options": {str(n): o for n, o in tg.OPTIONS.items()}}
     for name, shape in shapes.items():
         rows = gemv_shape(*shape, grid)
         best = min((r for r in rows if r[0].isdigit()), key=lambda r: rows[r]["us"])
@@ -616,21 +615,16 @@ def gemv_sweep() -> dict:
         out[name] = {"shape": shape, "cublas": rows["cublas"], "best": best, "best_row": rows[best],
                      "default": rows.get(default), **{f: rows[f] for f in ("norm", "gated", "residual")},
                      "all": rows}
-        for m in (4, 16):  # the skinny kernel against cuBLAS
-            rows = gemv_shape(*shape, skinny, m)
-            best = min((r for r in rows if r[0].isdigit()), key=lambda r: rows[r]["us"])
-            out[name][f"rows{m}"] = {"cublas": rows["cublas"], "best": best, "best_row": rows[best],
-                                     "default": rows.get("x".join(map(str, tg.SKINNY_OPTIONS))), "all": rows}
         log(name, json.dumps({key: value for key, value in out[name].items() if key != "all"}))
         release()
     return out
 
 
-def gemv_shape(n: int, k: int, grid: list[tuple], m: int = 1) -> dict:
-    """One [n, k] weight times `m` rows: time, weight bytes read per second and largest error against a float32
-    product, for cuBLAS, every launch option, and the default options with each prologue and epilogue the engine
-    uses (RMSNorm of the input, silu(gate) · up, the residual added). Each timed call walks copies of the weight
-    worth 4 × the L2 cache, so no read hits it."""
+def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
+    """One [n, k] weight: time, weight bytes read per second and largest error against a float32 product, for
+    cuBLAS, every launch option, and the default options with each prologue and epilogue the engine uses (RMSNorm
+    of the input, silu(gate) · up, the residual added). Each timed call walks copies of the weight worth 4 × the L2
+    cache, so no read hits it."""
     import torch.nn.functional as F
 
     import runtime.models.native.triton_gemv as tg
@@ -639,17 +633,16 @@ def gemv_shape(n: int, k: int, grid: list[tuple], m: int = 1) -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(n + k)
     copies = max(1, -(-4 * l2 // (n * k * 2)))
     ws = [torch.randn(n, k, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(copies)]
-    x, x2 = (torch.randn(m, width, device=DEVICE, generator=g, dtype=torch.bfloat16) for width in (k, 2 * k))
-    norm, residual = torch.ones(k, device=DEVICE, dtype=torch.bfloat16), torch.zeros(m, n, device=DEVICE,
-                                                                                     dtype=torch.bfloat16)
+    x, x2 = (torch.randn(1, m, device=DEVICE, generator=g, dtype=torch.bfloat16) for m in (k, 2 * k))
+    norm, residual = torch.ones(k, device=DEVICE, dtype=torch.bfloat16), torch.zeros_like(x[:, :1].expand(1, n))
     want = x.float() @ ws[-1].float().T
-    res = torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE)
+    res = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
     products = {"cublas": lambda w: F.linear(x, w)}
     for opts in grid:
         products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, chosen=o) or res
     products["norm"] = lambda w: tg.launch(x, w, None, res, norm, 1e-5) or res
     products["gated"] = lambda w: tg.launch(x2, w, None, res, gated=True) or res
-    products["residual"] = lambda w: tg.launch(x, w, None, res, residual=residual) or res
+    products["residual"] = lambda w: tg.launch(x, w, None, res, residual=residual.contiguous()) or res
     rows = {}
     for key, product in products.items():
         us = replayed_us(lambda p=product: [p(w) for w in ws], reps=4) / copies

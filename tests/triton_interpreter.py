@@ -5,8 +5,6 @@
 - Its float-to-float8 conversion rounds half up within the mantissa and drops the carry into the exponent (1.97
   becomes 1.0, not 2.0), and float32 to bfloat16 truncates; the GPU rounds both to nearest even. The patch converts
   to float8 e4m3 and to bfloat16 through torch, which rounds as the GPU does.
-- Its tl.dot multiplies bfloat16 operands as the integers they are stored in; the patch widens them to float32
-  first (exact, as the tensor cores' products are).
 The variable must be set before any kernel module is imported (`triton.jit` reads it at decoration)."""
 
 from __future__ import annotations
@@ -61,11 +59,3 @@ def _round_to_nearest_even(interpreter) -> None:
 
     builder.create_fp_to_fp = create_fp_to_fp
     builder.create_fp_trunc = create_fp_trunc
-    dot = builder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        a, b = (interpreter.TensorHandle(wide(t).numpy(), tl.float32) if t.dtype.scalar == tl.bfloat16 else t
-                for t in (a, b))
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    builder.create_dot = create_dot

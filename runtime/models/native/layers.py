@@ -36,9 +36,9 @@ class Projection(nn.Module):
     """y = x Wᵀ (+ b) (+ this token's LoRA delta); `reduce`: the output is a partial sum over tensor-parallel ranks
     (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once. `gated`: the
     input is [gate | up] and the product takes silu(gate) · up (a gated MLP's down projection). `matvec`: a kernel
-    for inputs of up to `matvec_rows` rows (small decode batches) that also computes the input (`norm`, `gated`)
-    and adds the residual, set by the runner where it has one (runtime/models/native/triton_gemv.py): at batch 1
-    the small kernels between the products cost as much as the products' own inefficiency."""
+    for one-row inputs (batch-1 decode) that also computes the input (`norm`, `gated`) and adds the residual, set
+    by the runner where it has one (runtime/models/native/triton_gemv.py): at batch 1 the small kernels between
+    the products cost as much as the products' own inefficiency."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False, gated: bool = False):
         """`parts`: output sizes of the fused projections (e.g. [q, k, v]), in order."""
@@ -50,13 +50,12 @@ class Projection(nn.Module):
         self.lora: StackedLora | None = None  # set when an adapter targets this projection
         self.slots: LoraSlots | None = None
         self.matvec: Callable[..., torch.Tensor] | None = None
-        self.matvec_rows = 0
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
                 scale: float = 1.0) -> torch.Tensor:
         """`norm`: applied to x first; returns residual + scale · y when `residual` is given."""
         bias = None if self.reduce else self.bias
-        if self.matvec is not None and x.shape[0] <= self.matvec_rows and not self._lora_active():
+        if self.matvec is not None and x.shape[0] == 1 and not self._lora_active():
             fused = None if self.reduce else residual  # a partial sum is completed before the residual joins
             y = self.matvec(x, self.weight, bias, None if norm is None else norm.weight,
                             0.0 if norm is None else norm.eps, self.gated, fused, scale if fused is not None else 1.0)

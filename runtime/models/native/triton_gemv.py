@@ -1,5 +1,4 @@
-"""A Triton matrix-vector product for one-row projections (batch-1 decode) in half precision, and its skinny-matrix
-form for 2–16 rows (small decode batches).
+"""A Triton matrix-vector product for one-row projections (batch-1 decode) in half precision.
 
 Why: at batch 1 a decode step is the weights read once, and cuBLAS's choices for these shapes leave bandwidth unused:
 on an H200 (`scripts/gpu_native.py --phases gemv`, docs/benchmarks.md) it read the 8B shape's Q/K/V weights at
@@ -24,8 +23,6 @@ from runtime.models.native.layers import Projection
 # (output, down) run best as 256 programs of 8 warps over 16 × 1,024 tiles, Q/K/V (6,144) as 8 × 512 tiles with
 # three stages, gate-up and the LM head as 16 × 256 tiles of 4 warps.
 OPTIONS = {4096: (16, 1024, 8, 1), 8192: (8, 512, 4, 3), 1 << 62: (16, 256, 4, 1)}
-SKINNY_OPTIONS = (32, 256, 4, 3)  # 2–16 rows (`_skinny`)
-MAX_ROWS = 16
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -70,52 +67,6 @@ def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scal
     tl.store(y_ptr + rows, y, mask=row_ok)
 
 
-@triton.jit
-def _skinny(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, M, N, K, stride_x, stride_w, eps, scale,
-            HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-            SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    """`_gemv` for 2–16 input rows: the rows padded to the tensor cores' 16 and multiplied by each weight tile as it
-    streams by (tl.dot); inputs and epilogue as `_gemv`'s."""
-    dtype = y_ptr.dtype.element_ty
-    m = tl.arange(0, 16)
-    m_ok = m < M
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    x_rows = x_ptr + m[:, None] * stride_x
-    acc = tl.zeros([16, BLOCK_N], tl.float32)
-    squares = tl.zeros([16, BLOCK_K], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        ok = cols < K
-        x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
-        if EVEN:
-            w = tl.load(w_rows + cols[None, :])
-        else:
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
-        if NORM:
-            xf = x.to(tl.float32)
-            squares += xf * xf
-            x = (xf * tl.load(nw_ptr + cols, mask=ok, other=0.0).to(tl.float32)[None, :]).to(dtype)
-        if GATED:
-            gate = x.to(tl.float32)
-            up = tl.load(x_rows + K + cols[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
-            x = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype)
-        acc += tl.dot(x, tl.trans(w))
-    if NORM:
-        acc = acc / tl.sqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(dtype)
-    if SCALED:
-        y = (y.to(tl.float32) * scale).to(dtype)
-    at = m[:, None] * N + rows[None, :]
-    out_ok = m_ok[:, None] & row_ok[None, :]
-    if RESIDUAL:
-        y = (tl.load(res_ptr + at, mask=out_ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
-    tl.store(y_ptr + at, y, mask=out_ok)
-
-
 def options(n: int) -> tuple[int, int, int, int]:
     return OPTIONS[min(size for size in OPTIONS if size >= n)]
 
@@ -124,32 +75,26 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
            norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
            residual: torch.Tensor | None = None, scale: float = 1.0,
            chosen: tuple[int, int, int, int] | None = None) -> None:
-    """x [M, K] (contiguous; [M, 2K] when `gated`), M ≤ `MAX_ROWS`; `chosen`: launch options instead of the table's
-    (the sweep's)."""
+    """`chosen`: launch options instead of `options(N)` (the sweep's)."""
     n, k = weight.shape
-    rows = x.shape[0]
-    block_n, block_k, warps, stages = chosen or (options(n) if rows == 1 else SKINNY_OPTIONS)
-    pointers = (x, weight, out if bias is None else bias, out if norm_weight is None else norm_weight,
-                out if residual is None else residual, out)
-    flags = dict(HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=gated,
-                 RESIDUAL=residual is not None, SCALED=scale != 1.0, BLOCK_N=block_n, BLOCK_K=block_k,
-                 EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps, num_stages=stages)
-    grid = (triton.cdiv(n, block_n),)
-    if rows == 1:
-        _gemv[grid](*pointers, n, k, weight.stride(0), eps, scale, **flags)
-    else:
-        _skinny[grid](*pointers, rows, n, k, x.stride(0), weight.stride(0), eps, scale, **flags)
+    block_n, block_k, warps, stages = chosen or options(n)
+    _gemv[(triton.cdiv(n, block_n),)](
+        x, weight, out if bias is None else bias, out if norm_weight is None else norm_weight,
+        out if residual is None else residual, out, n, k, weight.stride(0), eps, scale, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, SCALED=scale != 1.0,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps,
+        num_stages=stages)
 
 
 @torch.library.custom_op("tgis::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
          residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-    """residual + scale · (input [M, K] @ weight [N, K]ᵀ + bias [N]) → [M, N] in x's dtype for M ≤ `MAX_ROWS` (each
-    term optional, each step rounded as the unfused modules round), where input is silu(gate) · up of x =
-    [gate | up] ([M, 2K]) when `gated`, RMSNorm(x) with `norm_weight` and `eps` when given (in float32 throughout,
-    where the module rounds the normalised row twice: within one bfloat16 step per element), else x."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    """residual + scale · (input [1, K] @ weight [N, K]ᵀ + bias [N]) → [1, N] in x's dtype (each term optional,
+    each step rounded as the unfused modules round), where input is silu(gate) · up of x = [gate | up] ([1, 2K])
+    when `gated`, RMSNorm(x) with `norm_weight` and `eps` when given (in float32 throughout, where the module
+    rounds the normalised row twice: within one bfloat16 step per element), else x."""
+    out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
     launch(x.contiguous(), weight, bias, out, norm_weight, eps, gated,
            None if residual is None else residual.contiguous(), scale)
     return out
@@ -159,7 +104,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
       norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
       residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(1, weight.shape[0])
 
 
 def usable(weight: torch.Tensor) -> bool:
@@ -168,9 +113,9 @@ def usable(weight: torch.Tensor) -> bool:
 
 
 def install(model) -> None:
-    """Route the products of up to `MAX_ROWS` rows of every half-precision projection (and of the LM head, unless
-    it is split over ranks) through `gemv`."""
+    """Route the one-row products of every half-precision projection (and of the LM head, unless it is split over
+    ranks) through `gemv`."""
     head = [model.lm_head] if isinstance(model.lm_head, Projection) else []
     for projection in [p for layer in model.projections() for p in layer.values()] + head:
         if usable(projection.weight):
-            projection.matvec, projection.matvec_rows = gemv, MAX_ROWS
+            projection.matvec = gemv
