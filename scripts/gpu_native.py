@@ -634,7 +634,7 @@ def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     copies = max(1, -(-4 * l2 // (n * k * 2)))
     ws = [torch.randn(n, k, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(copies)]
     x, x2 = (torch.randn(1, m, device=DEVICE, generator=g, dtype=torch.bfloat16) for m in (k, 2 * k))
-    norm, residual = torch.ones(k, device=DEVICE, dtype=torch.bfloat16), torch.zeros_like(x[:, :1].expand(1, n))
+    norm, residual = (torch.ones(size, device=DEVICE, dtype=torch.bfloat16) for size in (k, (1, n)))
     want = x.float() @ ws[-1].float().T
     res = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
     products = {"cublas": lambda w: F.linear(x, w)}
@@ -642,7 +642,7 @@ def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
         products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, chosen=o) or res
     products["norm"] = lambda w: tg.launch(x, w, None, res, norm, 1e-5) or res
     products["gated"] = lambda w: tg.launch(x2, w, None, res, gated=True) or res
-    products["residual"] = lambda w: tg.launch(x, w, None, res, residual=residual.contiguous()) or res
+    products["residual"] = lambda w: tg.launch(x, w, None, res, residual=residual) or res
     rows = {}
     for key, product in products.items():
         us = replayed_us(lambda p=product: [p(w) for w in ws], reps=4) / copies

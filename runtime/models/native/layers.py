@@ -58,7 +58,7 @@ class Projection(nn.Module):
         if self.matvec is not None and x.shape[0] == 1 and not self._lora_active():
             fused = None if self.reduce else residual  # a partial sum is completed before the residual joins
             y = self.matvec(x, self.weight, bias, None if norm is None else norm.weight,
-                            0.0 if norm is None else norm.eps, self.gated, fused, scale if fused is not None else 1.0)
+                            0.0 if norm is None else norm.eps, self.gated, fused, scale)
             if fused is not None:
                 return y
         else:

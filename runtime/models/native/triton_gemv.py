@@ -83,9 +83,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
     _gemv[(triton.cdiv(n, block_n),)](
         x, weight, out if bias is None else bias, out if norm_weight is None else norm_weight,
         out if residual is None else residual, out, n, k, weight.stride(0), eps, scale, HAS_BIAS=bias is not None,
-        NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None, SCALED=scale != 1.0,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps,
-        num_stages=stages)
+        NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
+        SCALED=residual is not None and scale != 1.0, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps, num_stages=stages)
 
 
 @torch.library.custom_op("tgis::gemv", mutates_args=())
@@ -93,7 +93,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
          residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """residual + scale · (input [1, K] @ weight [N, K]ᵀ + bias [N]) → [1, N] in x's dtype (each term optional,
-    each step rounded as the unfused modules round), where input is silu(gate) · up of x = [gate | up] ([1, 2K])
+    `scale` taken with a residual only, each step rounded as the unfused modules round), where input is silu(gate)
+    · up of x = [gate | up] ([1, 2K])
     when `gated`, RMSNorm(x) with `norm_weight` and `eps` when given (in float32 throughout, where the module
     rounds the normalised row twice: within one bfloat16 step per element), else x."""
     out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
