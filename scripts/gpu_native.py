@@ -573,6 +573,10 @@ def kernel_sweep() -> dict:
             tables = (torch.randperm(blocks - 1, device=DEVICE, generator=g) + 1).view(batch, per_seq).int()
             lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
             q = torch.randn(batch, heads, dim, device=DEVICE, generator=g, dtype=torch.bfloat16)
+            k, v = (torch.randn(batch, kv_heads, dim, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in "kv")
+            angle = torch.rand(batch, dim, device=DEVICE, generator=g)
+            cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
+            slots = tables[:, (context - 1) // bs].long() * bs + (context - 1) % bs  # the newest position's
             for name, c, runs in (("bf16", cache, [None]), ("fp8", cache.clamp(-448, 448).to(FP8), grid)):
                 read = batch * context * kv_heads * dim * 2 * c.element_size()
                 rows, want = {}, None
@@ -583,7 +587,7 @@ def kernel_sweep() -> dict:
                     res = torch.empty_like(q)
 
                     def call():
-                        backend.decode(q, c, tables, lens, dim**-0.5, None, res)  # noqa: B023
+                        backend.decode(q, k, v, cos, sin, c, slots, tables, lens, dim**-0.5, None, res)  # noqa: B023
 
                     us = replayed_us(call)
                     want = res.clone() if want is None else want
@@ -852,6 +856,16 @@ def main() -> None:
                 on_own_engine(lambda engine: record("decode_bs1_cublas", decode_phase(big, engine)))
             finally:
                 tg.usable = usable
+        if "pdl" in phases:  # batch-1 decode without programmatic dependent launch, and with it but no early tile
+            import runtime.models.native.pdl as pdl
+            import runtime.models.native.triton_gemv as tg
+
+            for key, enabled, early in (("decode_bs1_no_pdl", False, False), ("decode_bs1_pdl_late_tile", True, False)):
+                pdl.ENABLED, tg.EARLY = enabled, early
+                try:
+                    on_own_engine(lambda engine, key=key: record(key, decode_phase(big, engine)))
+                finally:
+                    pdl.ENABLED, tg.EARLY = True, True
         for flag in ("profile", "profile_compiled", "profile_bs1"):
             if flag in phases:
                 batch = 1 if flag == "profile_bs1" else 128 if DEVICE == "cuda" else 4

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import HAS_TRITON
 from transformers.generation.logits_process import (
     ExponentialDecayLengthPenalty,
     RepetitionPenaltyLogitsProcessor,
@@ -451,3 +452,22 @@ def test_length_penalty_past_the_float_range_saturates():
     result = Sampler(EOS, V)(logits, rows)
     assert result.token_ids == [EOS, EOS]
     assert math.isfinite(result.details[1].logprob)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is a dev dependency (`make install` installs it)")
+@pytest.mark.parametrize("vocab", [1100, 3072])  # a partial last tile; whole tiles only
+def test_two_pass_argmax_matches_torch(vocab):
+    """The sampler's greedy choice on CUDA (Triton, run interpreted here): torch.argmax's result on random rows, on
+    ties (the lowest id), on rows that are all -inf and on rows with NaN (the first NaN)."""
+    from runtime.engine.triton_argmax import argmax
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, vocab, generator=g)
+    scores[1, [5, 900, vocab - 1]] = 50.0  # ties across tiles
+    scores[2] = float("-inf")
+    scores[3, [1050, 7]] = float("nan")
+    scores[4, :vocab // 2] = float("-inf")
+    scores[5, vocab - 1] = float("inf")
+    got = argmax(scores)
+    assert got.dtype == torch.long and got.tolist() == scores.argmax(dim=1).tolist()
+    assert got[1] == 5 and got[2] == 0 and got[3] == 7

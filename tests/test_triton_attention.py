@@ -46,7 +46,10 @@ def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None,
                              torch.tensor(starts, dtype=torch.int32), len(decodes), lens, qlens)
     ref_cache, got_cache = cache.clone(), cache.clone()
     want = TorchAttention()(q, k, v, cos, sin, ref_cache, meta, D**-0.5, window)
-    got = TritonAttention(splits)(q, k, v, cos, sin, got_cache, meta, D**-0.5, window)
+    backend = TritonAttention(splits)
+    got = backend(q, k, v, cos, sin, got_cache, meta, D**-0.5, window)
+    again = backend(q, k, v, cos, sin, cache.clone(), meta, D**-0.5, window)  # as the next layer's launch
+    assert torch.equal(again, got) and (backend.counts is None or not backend.counts.any()), "merge counts reset"
     return got, want, got_cache, ref_cache
 
 

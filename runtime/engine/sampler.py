@@ -175,9 +175,20 @@ def _warp(scores: torch.Tensor, params: list[GenerationParams]) -> torch.Tensor:
     return scores
 
 
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over rows; on CUDA the two-pass Triton kernel (runtime/engine/triton_argmax.py), same result."""
+    if scores.is_cuda and scores.stride(1) == 1:
+        try:
+            from runtime.engine.triton_argmax import argmax
+        except ImportError:  # a CUDA build of torch without Triton
+            return scores.argmax(dim=1)
+        return argmax(scores)
+    return scores.argmax(dim=1)
+
+
 def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     """Greedy: argmax (lowest id on ties). Sampling: argmax of softmax / Exponential(1) noise from the row's RNG."""
-    chosen = scores.argmax(dim=1)
+    chosen = _argmax(scores)
     samp = [i for i, r in enumerate(rows) if r.params.sampling]
     if not samp:
         return chosen
@@ -188,7 +199,7 @@ def _choose(scores: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         noise[j].exponential_(generator=rows[i].generator)
     # a zero draw on a filtered (zero-probability) token would give 0/0 = NaN, which argmax would pick
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    chosen[idx] = (probs / noise).argmax(dim=1)
+    chosen[idx] = _argmax(probs / noise)
     return chosen
 
 

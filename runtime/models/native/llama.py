@@ -115,14 +115,18 @@ class NativeCausalLM(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, caches: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         """x: input embeddings [T, hidden] (`embed`, with prompt-prefix rows written over); caches: [layers, 2,
-        blocks, block_size, KVH, D]. Returns the final-norm hidden states [T, hidden]."""
+        blocks, block_size, KVH, D]. Returns the last layer's hidden states [T, hidden] (the final norm is the
+        head's, in `logits`)."""
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, cos, sin, cache, meta, backend, self.stages)
-        return self.norm(x)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.lm_head(hidden)
+        """Scores of the rows the runner picked: the final norm runs on those rows only, inside the head's GEMV
+        where it has one."""
+        head = self.lm_head
+        out = head(hidden, self.norm) if isinstance(head, Projection) else head(self.norm(hidden))
         s = self.config.logits_scaling
         return out if s == 1.0 else out / s
 

@@ -1,12 +1,14 @@
 """Triton kernels for attention over the paged KV cache (CUDA; on the CPU they run under TRITON_INTERPRET=1).
 
-- Rotary + cache write: one program per token rotates its query and key heads and stores keys and values in their
-  cache slots (what took rotary, copy and two index-copy kernels per layer).
-- Decode (one query per sequence): flash-decoding. Programs split each sequence's context into `splits` ranges
-  per KV head, every program scores all query heads of its KV-head group against its range (the cache is read once
-  per group, not once per query head), and a second kernel merges the partial softmaxes by their log-sum-exp. The
+- Rotary + cache write of prompt tokens: one program per token rotates its query and key heads and stores keys and
+  values in their cache slots (what took rotary, copy and two index-copy kernels per layer).
+- Decode (one query per sequence): flash-decoding in one kernel per layer. Programs split each sequence's context
+  into `splits` ranges per KV head, every program scores all query heads of its KV-head group against its range
+  (the cache is read once per group, not once per query head); the last program of a group to finish merges the
+  partial softmaxes by their log-sum-exp. The same kernel rotates the decode rows' queries and keys and writes the
+  newest key and value (at batch 1 a rotary kernel and a merge kernel per layer cost ~4 µs of a 130 µs layer). The
   range a split covers is computed from the sequence length inside the kernel, so one launch shape serves every
-  length: CUDA graphs replay it as is. With one split the partial kernel writes the output itself.
+  length: CUDA graphs replay it as is.
 - Prompt chunks (varlen queries after cached context): one program per (row, query tile, query head), causal
   within the chunk, over all cached keys before it; an online softmax over key tiles.
 Keys of a tile are gathered token by token through the block table: block = table[position // block_size].
@@ -18,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.models.native import pdl
 from runtime.models.native.attention import FP8, FP8_MAX, AttentionMetadata
+from runtime.models.native.pdl import wait_then_release
 
 # The decode kernel's launch options (keys per tile, warps, pipeline stages) by the cache's bytes per element, as
 # swept on an H200 (`scripts/gpu_native.py --phases kernels`): a bfloat16 cache is read at the copy bandwidth with
@@ -89,11 +93,26 @@ def _attend_tile(q, k_ptr, v_ptr, table_ptr, pos, loadable, visible, g, dims, m,
 
 
 @triton.jit
-def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr, scale, window,
-                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
-                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, HALF_DOT: tl.constexpr):
+def _rotated(row, dims, partner, c, sn, ok):
+    """x · cos + rotate_half(x) · sin (`partner`: the other half's index, `sn`: sin negated on the first half) in
+    float32, rounded once to x's type."""
+    x = tl.load(row + dims, mask=ok, other=0.0).to(tl.float32)
+    return (x * c + tl.load(row + partner, mask=ok, other=0.0).to(tl.float32) * sn).to(row.dtype.element_ty)
+
+
+@triton.jit
+def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr,
+            part_out_ptr, part_lse_ptr, out_ptr, counts_ptr, scale, window, stride_qb, stride_qh, stride_kt, stride_kh,
+            stride_vt, stride_vh, stride_rt, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh,
+            stride_os, stride_xb, stride_xh, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+            HALF_DOT: tl.constexpr, CLAMP: tl.constexpr, GDC: tl.constexpr):
+    """One (row, KV head, split). Rotates the row's queries of this group; the split holding the newest position
+    rotates its key and stores key and value in their slot first (then reads them back with the rest, after a
+    barrier). With several splits, the last of a group's programs to finish merges their partial softmaxes: an
+    atomic count per (row, KV head), reset by the merger, replaces a merge kernel."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    wait_then_release(GDC)
     length = tl.load(lens_ptr + b)
     lo = length * 0
     if window > 0:
@@ -101,10 +120,25 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, par
     per_split = tl.cdiv(tl.cdiv(length - lo, SPLITS), TILE) * TILE
     start = lo + s * per_split
     end = tl.minimum(start + per_split, length)
+    dims = tl.arange(0, HEAD_DIM)
+    partner = (dims + HEAD_DIM // 2) % HEAD_DIM  # rotate_half: x[d + D/2] (first half, negated), x[d - D/2]
+    c = tl.load(cos_ptr + b * stride_rt + dims).to(tl.float32)
+    sn = tl.load(sin_ptr + b * stride_rt + dims).to(tl.float32)
+    sn = tl.where(dims < HEAD_DIM // 2, -sn, sn)
+    if (start <= length - 1) & (length - 1 < end):
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + g * stride_ch + dims
+        k = _rotated(k_new_ptr + b * stride_kt + g * stride_kh, dims, partner, c, sn, dims < HEAD_DIM)
+        v = tl.load(v_new_ptr + b * stride_vt + g * stride_vh + dims)
+        if CLAMP > 0:
+            k, v = tl.clamp(k.to(tl.float32), -CLAMP, CLAMP), tl.clamp(v.to(tl.float32), -CLAMP, CLAMP)
+        tl.store(k_ptr + at, k.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + at, v.to(v_ptr.dtype.element_ty))
+    tl.debug_barrier()  # the program's own stores are visible to all its threads before the tiles are read
     heads = g * GROUP + tl.arange(0, BLOCK_H)
     head_ok = tl.arange(0, BLOCK_H) < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=head_ok[:, None], other=0.0)
+    q = _rotated(q_ptr + b * stride_qb + heads[:, None] * stride_qh, dims[None, :], partner[None, :], c, sn,
+                 head_ok[:, None])
     if HALF_DOT:
         q = q.to(tl.float16)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -117,25 +151,30 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_out_ptr, par
                                      denom, acc, scale, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
-    base = b * stride_ob + heads * stride_oh + s * stride_os
-    tl.store(part_out_ptr + base[:, None] + dims[None, :], out.to(part_out_ptr.dtype.element_ty),
-             mask=head_ok[:, None])
-    if SPLITS > 1:  # one split: `part_out` is the output itself
+    if SPLITS == 1:
+        tl.store(out_ptr + b * stride_xb + heads[:, None] * stride_xh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+        base = b * stride_ob + heads * stride_oh + s * stride_os
+        tl.store(part_out_ptr + base[:, None] + dims[None, :], out, mask=head_ok[:, None])
         tl.store(part_lse_ptr + (b * stride_ob + heads * stride_oh) // HEAD_DIM + s, lse, mask=head_ok)
-
-
-@triton.jit
-def _decode_merge(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, stride_os, stride_xb, stride_xh,
-                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-    b, h = tl.program_id(0), tl.program_id(1)
-    splits = tl.arange(0, SPLITS)
-    dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + (b * stride_ob + h * stride_oh) // HEAD_DIM + splits)
-    weight = tl.exp(lse - tl.max(lse, 0))
-    parts = tl.load(part_out_ptr + b * stride_ob + h * stride_oh + splits[:, None] * stride_os + dims[None, :])
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
-    tl.store(out_ptr + b * stride_xb + h * stride_xh + dims, out.to(out_ptr.dtype.element_ty))
+        tl.debug_barrier()  # every thread's partials are stored before the count announces them
+        count = counts_ptr + b * tl.num_programs(1) + g
+        if tl.atomic_add(count, 1, sem="acq_rel") == SPLITS - 1:
+            used = tl.cdiv(length - lo, per_split)  # splits past the context hold nothing
+            splits = tl.arange(0, SPLITS)
+            for h in tl.static_range(GROUP):
+                at = b * stride_ob + (g * GROUP + h) * stride_oh
+                part_lse = tl.load(part_lse_ptr + at // HEAD_DIM + splits, mask=splits < used,
+                                   other=float("-inf"), cache_modifier=".cg")
+                weight = tl.exp(part_lse - tl.max(part_lse, 0))
+                parts = tl.load(part_out_ptr + at + splits[:, None] * stride_os + dims[None, :],
+                                mask=(splits < used)[:, None], other=0.0, cache_modifier=".cg")
+                merged = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+                tl.store(out_ptr + b * stride_xb + (g * GROUP + h) * stride_xh + dims,
+                         merged.to(out_ptr.dtype.element_ty))
+            tl.store(count, 0)  # ready for the next layer's launch
 
 
 @triton.jit
@@ -217,43 +256,55 @@ class TritonAttention:
 
     def __init__(self, splits: int | None = None):
         self.splits = splits  # None: chosen per launch from the batch size (fixed per CUDA-graph bucket)
+        self.counts: torch.Tensor | None = None
+        self.held: list[torch.Tensor | None] = []
 
     def __call__(self, q, k, v, cos, sin, cache, meta: AttentionMetadata, scale, window):
-        q = rotary_write(q, k, v, cos, sin, cache, meta.slot_mapping)
         out = torch.empty_like(q)
         d = meta.num_decodes
         if d:
-            self.decode(q[:d], cache, meta.block_tables[:d], meta.seq_lens[:d], scale, window, out[:d])
+            self.decode(q[:d], k[:d], v[:d], cos[:d], sin[:d], cache, meta.slot_mapping[:d], meta.block_tables[:d],
+                        meta.seq_lens[:d], scale, window, out[:d])
         if d < q.shape[0]:
+            rotated = rotary_write(q[d:], k[d:], v[d:], cos[d:], sin[d:], cache, meta.slot_mapping[d:])
             starts = meta.query_start[d:] - meta.query_start[d]
             rows = len(meta.query_lens_host) - d
-            self.prefill(q[d:], cache, meta.block_tables[d:], meta.seq_lens[d:], starts, rows,
+            self.prefill(rotated, cache, meta.block_tables[d:], meta.seq_lens[d:], starts, rows,
                          max(meta.query_lens_host[d:]), scale, window, out[d:])
         return out
 
-    def decode(self, q, cache, tables, lens, scale, window, out) -> None:
+    def decode(self, q, k, v, cos, sin, cache, slots, tables, lens, scale, window, out) -> None:
+        """Decode rows: q [B, H, D], k/v [B, KVH, D] of the newest position, not yet rotated nor stored."""
         b, heads, dim = q.shape
         kv_heads = cache.shape[3]
         group = heads // kv_heads
         splits = self.splits or decode_splits(b, kv_heads, q.device)
-        if splits == 1:  # the partial kernel writes the output (out[:, :, None] as a 1-split partial)
-            part_out, part_lse = out[:, :, None], out
-        else:
+        part_out = part_lse = counts = out  # one split: the kernel writes `out` itself
+        if splits > 1:
             part_out = torch.empty(b, heads, splits, dim, dtype=torch.float32, device=q.device)
             part_lse = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
+            counts = self._counts(b * kv_heads, q.device)
         keys, values = cache[0], cache[1]
         tile, warps, stages = DECODE_OPTIONS[cache.element_size()]
-        _decode_partial[(b, kv_heads, splits)](
-            q, keys, values, tables, lens, part_out, part_lse, scale, window or 0,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0),
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        gdc = pdl.usable(q)
+        _decode[(b, kv_heads, splits)](
+            q, k, v, cos, sin, slots, keys, values, tables, lens, part_out, part_lse, out, counts, scale, window or 0,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0), part_out.stride(0), part_out.stride(1),
+            part_out.stride(2) if splits > 1 else 0, out.stride(0), out.stride(1),
             GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2],
-            TILE=tile, SPLITS=splits, PRECISION=_precision(q), HALF_DOT=_half_dot(q, cache), num_warps=warps,
-            num_stages=stages)
-        if splits == 1:
-            return
-        _decode_merge[(b, heads)](part_out, part_lse, out, part_out.stride(0), part_out.stride(1),
-                                  part_out.stride(2), out.stride(0), out.stride(1), HEAD_DIM=dim, SPLITS=splits)
+            TILE=tile, SPLITS=splits, PRECISION=_precision(q), HALF_DOT=_half_dot(q, cache),
+            CLAMP=FP8_MAX if cache.dtype == FP8 else 0.0, GDC=gdc, num_warps=warps, num_stages=stages,
+            launch_pdl=gdc)
+
+    def _counts(self, n: int, device: torch.device) -> torch.Tensor:
+        """The merge counts, zero between launches (each merger resets its own). A captured CUDA graph keeps the
+        address it saw: a replaced buffer stays referenced (`held`), and the first one already covers every batch
+        the split rule gives more than one split (rows × KV heads < 2 × SMs)."""
+        if self.counts is None or self.counts.numel() < n:
+            self.held.append(self.counts)
+            self.counts = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        return self.counts
 
     def prefill(self, q, cache, tables, lens, starts, rows, max_query_len, scale, window, out) -> None:
         heads, dim = q.shape[1], q.shape[2]

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.models.native import pdl
 from runtime.models.native.layers import Projection
+from runtime.models.native.pdl import wait_then_release
 
 # Launch options (output rows per program, inputs per tile, warps, stages) by output size, as swept on an H200
 # (`scripts/gpu_native.py --phases gemv`, medians of interleaved runs): the 8B shape's 4,096-output projections
@@ -26,35 +28,56 @@ from runtime.models.native.layers import Projection
 # three stages, gate-up and the LM head as 16 × 256 tiles of 4 warps.
 OPTIONS = {4096: (16, 1024, 8, 1), 8192: (8, 512, 4, 3), 1 << 62: (16, 256, 4, 1)}
 HALF = (torch.bfloat16, torch.float16)
+EARLY = True  # read the first weight tile before waiting (under PDL) for the input (scripts/gpu_native.py's A/B)
+
+
+@triton.jit
+def _accumulate(acc, squares, x, w, x_ptr, nw_ptr, cols, K, NORM: tl.constexpr, GATED: tl.constexpr):
+    """One tile of inputs `x` (computed as the module computes them) times weights `w`, into the running sums."""
+    if NORM:  # RMSNorm(x) · W = r · ((norm weight ⊙ x) · W): the squares summed on the way, r applied last
+        x = x.to(tl.float32)
+        squares += x * x
+        x = x * tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if GATED:  # silu(gate) · up, each rounded as the unfused modules round
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32) * up).to(x_ptr.dtype.element_ty)
+    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :], squares
+
+
+@triton.jit
+def _load(x_ptr, w_rows, row_ok, cols, K, EVEN: tl.constexpr):
+    if EVEN:  # no masks: wide vector loads
+        return tl.load(x_ptr + cols), tl.load(w_rows + cols[None, :])
+    return (tl.load(x_ptr + cols, mask=cols < K, other=0.0),
+            tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0))
 
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scale, HAS_BIAS: tl.constexpr,
           NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GDC: tl.constexpr,
+          EARLY: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_K], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        if EVEN:  # no masks: wide vector loads
-            x = tl.load(x_ptr + cols)
-            w = tl.load(w_rows + cols[None, :])
+    first = tl.arange(0, BLOCK_K)
+    if EARLY:  # the first weight tile is read while the kernel before finishes (nothing writes weights)
+        if EVEN:
+            w = tl.load(w_rows + first[None, :])
         else:
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-        if NORM:  # RMSNorm(x) · W = r · ((norm weight ⊙ x) · W): the squares summed on the way, r applied last
-            x = x.to(tl.float32)
-            squares += x * x
-            x = x * tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if GATED:  # silu(gate) · up, each rounded as the unfused modules round
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
-            x = ((gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32) * up).to(
-                x_ptr.dtype.element_ty)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w = tl.load(w_rows + first[None, :], mask=row_ok[:, None] & (first < K)[None, :], other=0.0)
+        wait_then_release(GDC)
+        x = tl.load(x_ptr + first, mask=first < K, other=0.0)
+        acc, squares = _accumulate(acc, squares, x, w, x_ptr, nw_ptr, first, K, NORM, GATED)
+    else:
+        wait_then_release(GDC)
+    for start in range(BLOCK_K if EARLY else 0, K, BLOCK_K):
+        cols = start + first
+        x, w = _load(x_ptr, w_rows, row_ok, cols, K, EVEN)
+        acc, squares = _accumulate(acc, squares, x, w, x_ptr, nw_ptr, cols, K, NORM, GATED)
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
@@ -80,12 +103,14 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
     """`chosen`: launch options instead of `options(N)` (the sweep's)."""
     n, k = weight.shape
     block_n, block_k, warps, stages = chosen or options(n)
+    gdc = pdl.usable(x)
     _gemv[(triton.cdiv(n, block_n),)](
         x, weight, out if bias is None else bias, out if norm_weight is None else norm_weight,
         out if residual is None else residual, out, n, k, weight.stride(0), eps, scale, HAS_BIAS=bias is not None,
         NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
         SCALED=residual is not None and scale != 1.0, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=n % block_n == 0 and k % block_k == 0, num_warps=warps, num_stages=stages)
+        EVEN=n % block_n == 0 and k % block_k == 0, GDC=gdc, EARLY=EARLY, num_warps=warps,
+        num_stages=stages, launch_pdl=gdc)
 
 
 @torch.library.custom_op("tgis::gemv", mutates_args=())
