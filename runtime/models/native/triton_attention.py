@@ -22,7 +22,7 @@ import triton.language as tl
 
 from runtime.models.native import pdl
 from runtime.models.native.attention import FP8, FP8_MAX, AttentionMetadata
-from runtime.models.native.pdl import wait_then_release
+from runtime.models.native.pdl import release, wait
 
 # The decode kernel's launch options (keys per tile, warps, pipeline stages) by the cache's bytes per element, as
 # swept on an H200 (`scripts/gpu_native.py --phases kernels`): a bfloat16 cache is read at the copy bandwidth with
@@ -112,7 +112,7 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     barrier). With several splits, the last of a group's programs to finish merges their partial softmaxes: an
     atomic count per (row, KV head), reset by the merger, replaces a merge kernel."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    wait_then_release(GDC)
+    wait(GDC)
     length = tl.load(lens_ptr + b)
     lo = length * 0
     if window > 0:
@@ -149,6 +149,7 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
         ok = pos < end
         m, denom, acc = _attend_tile(q, k_ptr, v_ptr, tables_ptr + b * stride_tb, pos, ok, ok[None, :], g, dims, m,
                                      denom, acc, scale, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
+    release(GDC)
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
     if SPLITS == 1:

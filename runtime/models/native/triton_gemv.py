@@ -20,7 +20,7 @@ import triton.language as tl
 
 from runtime.models.native import pdl
 from runtime.models.native.layers import Projection
-from runtime.models.native.pdl import wait_then_release
+from runtime.models.native.pdl import release, wait
 
 # Launch options (output rows per program, inputs per tile, warps, stages) by output size, as swept on an H200
 # (`scripts/gpu_native.py --phases gemv`, medians of interleaved runs): the 8B shape's 4,096-output projections
@@ -69,15 +69,16 @@ def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scal
             w = tl.load(w_rows + first[None, :])
         else:
             w = tl.load(w_rows + first[None, :], mask=row_ok[:, None] & (first < K)[None, :], other=0.0)
-        wait_then_release(GDC)
+        wait(GDC)
         x = tl.load(x_ptr + first, mask=first < K, other=0.0)
         acc, squares = _accumulate(acc, squares, x, w, x_ptr, nw_ptr, first, K, NORM, GATED)
     else:
-        wait_then_release(GDC)
+        wait(GDC)
     for start in range(BLOCK_K if EARLY else 0, K, BLOCK_K):
         cols = start + first
         x, w = _load(x_ptr, w_rows, row_ok, cols, K, EVEN)
         acc, squares = _accumulate(acc, squares, x, w, x_ptr, nw_ptr, cols, K, NORM, GATED)
+    release(GDC)
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
