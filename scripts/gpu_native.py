@@ -856,16 +856,14 @@ def main() -> None:
                 on_own_engine(lambda engine: record("decode_bs1_cublas", decode_phase(big, engine)))
             finally:
                 tg.usable = usable
-        if "pdl" in phases:  # batch-1 decode without programmatic dependent launch, and with it but no early tile
+        if "pdl" in phases:  # batch-1 decode without programmatic dependent launch (its A/B)
             import runtime.models.native.pdl as pdl
-            import runtime.models.native.triton_gemv as tg
 
-            for key, enabled, early in (("decode_bs1_no_pdl", False, True), ("decode_bs1_pdl_late_tile", True, False)):
-                pdl.ENABLED, tg.EARLY = enabled, early
-                try:
-                    on_own_engine(lambda engine, key=key: record(key, decode_phase(big, engine)))
-                finally:
-                    pdl.ENABLED, tg.EARLY = True, True
+            pdl.ENABLED = False
+            try:
+                on_own_engine(lambda engine: record("decode_bs1_no_pdl", decode_phase(big, engine)))
+            finally:
+                pdl.ENABLED = True
         for flag in ("profile", "profile_compiled", "profile_bs1"):
             if flag in phases:
                 import runtime.models.native.pdl as pdl

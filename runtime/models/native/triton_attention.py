@@ -104,16 +104,17 @@ def _rotated(row, dims, partner, c, sn, ok):
 def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr,
             part_out_ptr, part_lse_ptr, out_ptr, counts_ptr, scale, window, stride_qb, stride_qh, stride_kt, stride_kh,
             stride_vt, stride_vh, stride_rt, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh,
-            stride_os, stride_xb, stride_xh, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-            HALF_DOT: tl.constexpr, CLAMP: tl.constexpr, GDC: tl.constexpr):
+            stride_os, stride_xb, stride_xh, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr,
+            PRECISION: tl.constexpr, HALF_DOT: tl.constexpr, CLAMP: tl.constexpr, GDC: tl.constexpr):
     """One (row, KV head, split). Rotates the row's queries of this group; the split holding the newest position
-    rotates its key and stores key and value in their slot first (then reads them back with the rest, after a
-    barrier). With several splits, the last of a group's programs to finish merges their partial softmaxes: an
-    atomic count per (row, KV head), reset by the merger, replaces a merge kernel."""
+    rotates its key, stores key and value in their slot and folds them into its softmax from registers (no reload).
+    With several splits, the last of a group's programs to finish merges their partial softmaxes: an atomic count
+    per (row, KV head), reset by the merger, replaces a merge kernel."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     wait(GDC)
     length = tl.load(lens_ptr + b)
+    newest = length - 1
     lo = length * 0
     if window > 0:
         lo = tl.maximum(length - window, 0)
@@ -125,16 +126,6 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     c = tl.load(cos_ptr + b * stride_rt + dims).to(tl.float32)
     sn = tl.load(sin_ptr + b * stride_rt + dims).to(tl.float32)
     sn = tl.where(dims < HEAD_DIM // 2, -sn, sn)
-    if (start <= length - 1) & (length - 1 < end):
-        slot = tl.load(slots_ptr + b).to(tl.int64)
-        at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + g * stride_ch + dims
-        k = _rotated(k_new_ptr + b * stride_kt + g * stride_kh, dims, partner, c, sn, dims < HEAD_DIM)
-        v = tl.load(v_new_ptr + b * stride_vt + g * stride_vh + dims)
-        if CLAMP > 0:
-            k, v = tl.clamp(k.to(tl.float32), -CLAMP, CLAMP), tl.clamp(v.to(tl.float32), -CLAMP, CLAMP)
-        tl.store(k_ptr + at, k.to(k_ptr.dtype.element_ty))
-        tl.store(v_ptr + at, v.to(v_ptr.dtype.element_ty))
-    tl.debug_barrier()  # the program's own stores are visible to all its threads before the tiles are read
     heads = g * GROUP + tl.arange(0, BLOCK_H)
     head_ok = tl.arange(0, BLOCK_H) < GROUP
     q = _rotated(q_ptr + b * stride_qb + heads[:, None] * stride_qh, dims[None, :], partner[None, :], c, sn,
@@ -144,11 +135,30 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    for tile in range(start, end, TILE):
+    cached = tl.minimum(end, newest)  # the newest key is not in the cache yet
+    for tile in range(start, cached, TILE):
         pos = tile + tl.arange(0, TILE)
-        ok = pos < end
+        ok = pos < cached
         m, denom, acc = _attend_tile(q, k_ptr, v_ptr, tables_ptr + b * stride_tb, pos, ok, ok[None, :], g, dims, m,
                                      denom, acc, scale, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
+    if (start <= newest) & (newest < end):
+        k = _rotated(k_new_ptr + b * stride_kt + g * stride_kh, dims, partner, c, sn, dims < HEAD_DIM)
+        v = tl.load(v_new_ptr + b * stride_vt + g * stride_vh + dims)
+        if CLAMP > 0:
+            k, v = tl.clamp(k.to(tl.float32), -CLAMP, CLAMP), tl.clamp(v.to(tl.float32), -CLAMP, CLAMP)
+        k, v = k.to(k_ptr.dtype.element_ty), v.to(v_ptr.dtype.element_ty)
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        at = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + g * stride_ch + dims
+        tl.store(k_ptr + at, k)
+        tl.store(v_ptr + at, v)
+        k, v = k.to(q.dtype).to(tl.float32), v.to(q.dtype)  # as a tile reads them back from the cache
+        score = tl.sum(q.to(tl.float32) * k[None, :], 1) * scale
+        m_new = tl.maximum(m, score)
+        p = tl.exp(score - m_new)
+        alpha = tl.exp(m - m_new)
+        acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+        denom = denom * alpha + p
+        m = m_new
     release(GDC)
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
@@ -163,19 +173,26 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
         tl.debug_barrier()  # every thread's partials are stored before the count announces them
         count = counts_ptr + b * tl.num_programs(1) + g
         if tl.atomic_add(count, 1, sem="acq_rel") == SPLITS - 1:
-            used = tl.cdiv(length - lo, per_split)  # splits past the context hold nothing
-            splits = tl.arange(0, SPLITS)
-            for h in tl.static_range(GROUP):
-                at = b * stride_ob + (g * GROUP + h) * stride_oh
-                part_lse = tl.load(part_lse_ptr + at // HEAD_DIM + splits, mask=splits < used,
-                                   other=float("-inf"), cache_modifier=".cg")
-                weight = tl.exp(part_lse - tl.max(part_lse, 0))
-                parts = tl.load(part_out_ptr + at + splits[:, None] * stride_os + dims[None, :],
-                                mask=(splits < used)[:, None], other=0.0, cache_modifier=".cg")
-                merged = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
-                tl.store(out_ptr + b * stride_xb + (g * GROUP + h) * stride_xh + dims,
-                         merged.to(out_ptr.dtype.element_ty))
+            _merge(part_out_ptr, part_lse_ptr, out_ptr, b * stride_ob + (g * GROUP + tl.arange(0, BLOCK_G)) * stride_oh,
+                   b * stride_xb + (g * GROUP + tl.arange(0, BLOCK_G)) * stride_xh, tl.arange(0, BLOCK_G) < GROUP,
+                   tl.cdiv(length - lo, per_split), dims, stride_os, HEAD_DIM, SPLITS)
             tl.store(count, 0)  # ready for the next layer's launch
+
+
+@triton.jit
+def _merge(part_out_ptr, part_lse_ptr, out_ptr, parts_at, out_at, head_ok, used, dims, stride_os,
+           HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """The group's heads' partial softmaxes (splits past `used` hold nothing) merged by their log-sum-exp, all in
+    one round of loads (past the L1 cache: other programs wrote them)."""
+    splits = tl.arange(0, SPLITS)
+    ok = head_ok[:, None] & (splits < used)[None, :]
+    lse = tl.load(part_lse_ptr + parts_at[:, None] // HEAD_DIM + splits[None, :], mask=ok, other=float("-inf"),
+                  cache_modifier=".cg")
+    weight = tl.exp(lse - tl.max(lse, 1)[:, None])
+    parts = tl.load(part_out_ptr + parts_at[:, None, None] + splits[None, :, None] * stride_os + dims[None, None, :],
+                    mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+    merged = tl.sum(parts * weight[:, :, None], 1) / tl.sum(weight, 1)[:, None]
+    tl.store(out_ptr + out_at[:, None] + dims[None, :], merged.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
 @triton.jit
@@ -293,10 +310,10 @@ class TritonAttention:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0), part_out.stride(0), part_out.stride(1),
             part_out.stride(2) if splits > 1 else 0, out.stride(0), out.stride(1),
-            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2],
-            TILE=tile, SPLITS=splits, PRECISION=_precision(q), HALF_DOT=_half_dot(q, cache),
-            CLAMP=FP8_MAX if cache.dtype == FP8 else 0.0, GDC=gdc, num_warps=warps, num_stages=stages,
-            launch_pdl=gdc)
+            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
+            HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2], TILE=tile, SPLITS=splits, PRECISION=_precision(q),
+            HALF_DOT=_half_dot(q, cache), CLAMP=FP8_MAX if cache.dtype == FP8 else 0.0, GDC=gdc, num_warps=warps,
+            num_stages=stages, launch_pdl=gdc)
 
     def _counts(self, n: int, device: torch.device) -> torch.Tensor:
         """The merge counts, zero between launches (each merger resets its own). A captured CUDA graph keeps the

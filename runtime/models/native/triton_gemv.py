@@ -28,7 +28,6 @@ from runtime.models.native.pdl import release, wait
 # three stages, gate-up and the LM head as 16 × 256 tiles of 4 warps.
 OPTIONS = {4096: (16, 1024, 8, 1), 8192: (8, 512, 4, 3), 1 << 62: (16, 256, 4, 1)}
 HALF = (torch.bfloat16, torch.float16)
-EARLY = True  # read the first weight tile before waiting (under PDL) for the input (scripts/gpu_native.py's A/B)
 
 
 @triton.jit
@@ -56,26 +55,15 @@ def _load(x_ptr, w_rows, row_ok, cols, K, EVEN: tl.constexpr):
 @triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scale, HAS_BIAS: tl.constexpr,
           NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GDC: tl.constexpr,
-          EARLY: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GDC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_K], tl.float32)
-    first = tl.arange(0, BLOCK_K)
-    if EARLY:  # the first weight tile is read while the kernel before finishes (nothing writes weights)
-        if EVEN:
-            w = tl.load(w_rows + first[None, :])
-        else:
-            w = tl.load(w_rows + first[None, :], mask=row_ok[:, None] & (first < K)[None, :], other=0.0)
-        wait(GDC)
-        x = tl.load(x_ptr + first, mask=first < K, other=0.0)
-        acc, squares = _accumulate(acc, squares, x, w, x_ptr, nw_ptr, first, K, NORM, GATED)
-    else:
-        wait(GDC)
-    for start in range(BLOCK_K if EARLY else 0, K, BLOCK_K):
-        cols = start + first
+    wait(GDC)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
         x, w = _load(x_ptr, w_rows, row_ok, cols, K, EVEN)
         acc, squares = _accumulate(acc, squares, x, w, x_ptr, nw_ptr, cols, K, NORM, GATED)
     release(GDC)
@@ -110,7 +98,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         out if residual is None else residual, out, n, k, weight.stride(0), eps, scale, HAS_BIAS=bias is not None,
         NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
         SCALED=residual is not None and scale != 1.0, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=n % block_n == 0 and k % block_k == 0, GDC=gdc, EARLY=EARLY, num_warps=warps,
+        EVEN=n % block_n == 0 and k % block_k == 0, GDC=gdc, num_warps=warps,
         num_stages=stages, launch_pdl=gdc)
 
 
