@@ -617,7 +617,7 @@ def gemv_sweep() -> dict:
         best = min((r for r in rows if r[0].isdigit()), key=lambda r: rows[r]["us"])
         default = "x".join(map(str, tg.options(shape[0])))
         out[name] = {"shape": shape, "cublas": rows["cublas"], "best": best, "best_row": rows[best],
-                     "default": rows.get(default), **{f: rows[f] for f in ("norm", "gated", "residual")},
+                     "default": rows.get(default), **{f: rows[f] for f in ("norm", "activate", "residual")},
                      "all": rows}
         log(name, json.dumps({key: value for key, value in out[name].items() if key != "all"}))
         release()
@@ -627,8 +627,8 @@ def gemv_sweep() -> dict:
 def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     """One [n, k] weight: time, weight bytes read per second and largest error against a float32 product, for
     cuBLAS, every launch option, and the default options with each prologue and epilogue the engine uses (RMSNorm
-    of the input, silu(gate) · up, the residual added). Each timed call walks copies of the weight worth 4 × the L2
-    cache, so no read hits it."""
+    of the input, silu(gate) · up of the output, the residual added). Each timed call walks copies of the weight
+    worth 4 × the L2 cache, so no read hits it."""
     import torch.nn.functional as F
 
     import runtime.models.native.triton_gemv as tg
@@ -637,7 +637,7 @@ def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(n + k)
     copies = max(1, -(-4 * l2 // (n * k * 2)))
     ws = [torch.randn(n, k, device=DEVICE, generator=g, dtype=torch.bfloat16) for _ in range(copies)]
-    x, x2 = (torch.randn(1, m, device=DEVICE, generator=g, dtype=torch.bfloat16) for m in (k, 2 * k))
+    x = torch.randn(1, k, device=DEVICE, generator=g, dtype=torch.bfloat16)
     norm, residual = (torch.ones(size, device=DEVICE, dtype=torch.bfloat16) for size in (k, (1, n)))
     want = x.float() @ ws[-1].float().T
     res = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
@@ -645,7 +645,7 @@ def gemv_shape(n: int, k: int, grid: list[tuple]) -> dict:
     for opts in grid:
         products["x".join(map(str, opts))] = lambda w, o=opts: tg.launch(x, w, None, res, chosen=o) or res
     products["norm"] = lambda w: tg.launch(x, w, None, res, norm, 1e-5) or res
-    products["gated"] = lambda w: tg.launch(x2, w, None, res, gated=True) or res
+    products["activate"] = lambda w: tg.launch(x, w, None, res, activate=True) or res
     products["residual"] = lambda w: tg.launch(x, w, None, res, residual=residual) or res
     rows = {}
     for key, product in products.items():

@@ -146,8 +146,9 @@ def _within_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("even", [True, False])
 def test_gemv_computes_its_input_as_the_modules_do(even):
-    """The kernel's prologues, RMSNorm of the input (qkv, gate_up: in float32 throughout) and silu(gate) · up (down,
-    rounded as the modules round), and its epilogue, the residual added to the scaled product (output, down)."""
+    """The kernel's prologue, RMSNorm of the input (qkv, gate_up: in float32 throughout), and its epilogues:
+    silu(gate) · up of a gate-up product (rounded as the modules round) and the residual added to the scaled
+    product (output, down)."""
     from runtime.models.native.layers import RMSNorm
     from runtime.models.native.triton_gemv import gemv
 
@@ -160,11 +161,11 @@ def test_gemv_computes_its_input_as_the_modules_do(even):
     want = (norm(x).float() @ w.float().T).to(torch.bfloat16)
     got = gemv(x, w, None, norm.weight, norm.eps)
     assert _within_rounding(got, want)
-    gate_up = torch.randn(1, 2 * k, generator=g).to(torch.bfloat16)
-    gate, up = gate_up.chunk(2, dim=-1)
-    want = ((torch.nn.functional.silu(gate) * up).float() @ w.float().T).to(torch.bfloat16)
-    got = gemv(gate_up, w, None, None, 0.0, True)
-    assert _within_rounding(got, want)
+    b2 = torch.randn(n, generator=g).to(torch.bfloat16)
+    gate, up = (x.float() @ w.float().T + b2.float()).to(torch.bfloat16).chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = gemv(x, w, b2, None, 0.0, True)
+    assert got.shape == (1, n // 2) and _within_rounding(got, want)
     residual, b = torch.randn(1, n, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
     for scale in (1.0, 0.22):  # Granite's residual multiplier
         y = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.engine.staging import to_device
-from runtime.models.native.attention import AttentionMetadata
+from runtime.models.native.attention import AttentionMetadata, TorchAttention
 
 if TYPE_CHECKING:
     from runtime.engine.native_runner import NativeRunner, _SeqState
@@ -35,6 +35,7 @@ class DecodeGraphs:
 
     def __init__(self, runner: NativeRunner, max_batch: int, capture: bool = True):
         self.runner = runner
+        self.triton_inputs = not isinstance(runner.backend, TorchAttention)  # Triton runs here
         self.sizes = buckets(max_batch)
         dev, top = runner.device, self.sizes[-1]
         width = runner.block_table.shape[1]
@@ -84,9 +85,26 @@ class DecodeGraphs:
         b = len(plan.rows)
         size = next(s for s in self.sizes if s >= b)
         runner = self.runner
-        # ids, positions, table rows: a fresh pinned block per step (the previous step's copy may still be queued)
-        dev = to_device([[r.tokens[0] for r in plan.rows], [r.start for r in plan.rows], [s.row for s in states]],
-                        torch.long, runner.device)
+        # ids, positions, table rows, in-flight indices: a fresh pinned block per step (the previous step's copy may
+        # still be queued)
+        dev = to_device([[r.tokens[0] for r in plan.rows], [r.start for r in plan.rows], [s.row for s in states],
+                         [r.pending for r in plan.rows]], torch.long, runner.device)
+        if self.triton_inputs:
+            from runtime.engine.triton_graph_inputs import fill
+
+            fill(dev, plan.prev_tokens, runner.block_table, size, runner.block_size, self.ids, self.positions,
+                 self.slots, self.tables, self.lens)
+        else:
+            self._fill(plan, dev, size)
+        if self.graphs:
+            self.graphs[size].replay()
+            return self.logits[size][:b]
+        return self._forward(size)[:b]
+
+    def _fill(self, plan: StepPlan, dev: torch.Tensor, size: int) -> None:
+        """The static inputs with torch ops (`triton_graph_inputs.fill` does it in one kernel where Triton runs)."""
+        b = len(plan.rows)
+        runner = self.runner
         self.ids[:b], self.positions[:b] = dev[0], dev[1]
         plan.take_pending(self.ids, list(range(b)))
         tables = runner.block_table[dev[2]]
@@ -100,7 +118,3 @@ class DecodeGraphs:
             self.slots[b:size] = 0
             self.tables[b:size] = 0
             self.lens[b:size] = 1
-        if self.graphs:
-            self.graphs[size].replay()
-            return self.logits[size][:b]
-        return self._forward(size)[:b]

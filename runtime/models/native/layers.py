@@ -34,18 +34,19 @@ class RMSNorm(nn.Module):
 
 class Projection(nn.Module):
     """y = x Wᵀ (+ b) (+ this token's LoRA delta); `reduce`: the output is a partial sum over tensor-parallel ranks
-    (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once. `gated`: the
-    input is [gate | up] and the product takes silu(gate) · up (a gated MLP's down projection). `matvec`: a kernel
-    for one-row inputs (batch-1 decode) that also computes the input (`norm`, `gated`) and adds the residual, set
+    (row-parallel), completed by an all-reduce after the bias-free matmul and LoRA, then the bias once. `activate`:
+    the output is [gate | up] and the projection returns silu(gate) · up (a gated MLP's gate-up projection).
+    `matvec`: a kernel for one-row inputs (batch-1 decode) that also computes the input (`norm`), activates
+    (`activate`) and adds the residual, set
     by the runner where it has one (runtime/models/native/triton_gemv.py): at batch 1 the small kernels between
     the products cost as much as the products' own inefficiency."""
 
-    def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False, gated: bool = False):
+    def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False, activate: bool = False):
         """`parts`: output sizes of the fused projections (e.g. [q, k, v]), in order."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(sum(parts), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(sum(parts)), requires_grad=False) if bias else None
-        self.reduce, self.gated = reduce, gated
+        self.reduce, self.activate = reduce, activate
         self.lora_parts = parts
         self.lora: StackedLora | None = None  # set when an adapter targets this projection
         self.slots: LoraSlots | None = None
@@ -58,17 +59,17 @@ class Projection(nn.Module):
         if self.matvec is not None and x.shape[0] == 1 and not self._lora_active():
             fused = None if self.reduce else residual  # a partial sum is completed before the residual joins
             y = self.matvec(x, self.weight, bias, None if norm is None else norm.weight,
-                            0.0 if norm is None else norm.eps, self.gated, fused, scale)
+                            0.0 if norm is None else norm.eps, self.activate, fused, scale)
             if fused is not None:
                 return y
         else:
             x = x if norm is None else norm(x)
-            if self.gated:
-                gate, up = x.chunk(2, dim=-1)
-                x = F.silu(gate) * up
             y = F.linear(x, self.weight, bias)
             if self._lora_active():
                 y = y + self.lora.delta(x, self.slots)
+            if self.activate:
+                gate, up = y.chunk(2, dim=-1)
+                y = F.silu(gate) * up
         if self.reduce:
             dist.all_reduce(y)
             y = y if self.bias is None else y + self.bias

@@ -54,9 +54,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: NativeConfig, shape: TPShape):
         super().__init__()
-        self.gate_up = Projection(cfg.hidden_size, [shape.intermediate, shape.intermediate], cfg.mlp_bias)
-        self.down = Projection(shape.intermediate, [cfg.hidden_size], cfg.mlp_bias, reduce=shape.parallel,
-                               gated=True)
+        self.gate_up = Projection(cfg.hidden_size, [shape.intermediate, shape.intermediate], cfg.mlp_bias,
+                                  activate=True)
+        self.down = Projection(shape.intermediate, [cfg.hidden_size], cfg.mlp_bias, reduce=shape.parallel)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, scale: float) -> torch.Tensor:
         """x + scale · down(silu(gate) · up) of `norm(x)`."""
