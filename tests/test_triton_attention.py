@@ -67,6 +67,18 @@ def test_kernels_match_the_torch_backend(decodes, chunks, window, splits):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+def test_decode_splits_cover_a_least_number_of_keys(monkeypatch):
+    """`DECODE_MIN_KEYS`: a short context takes fewer splits than the launch has (one: no merge), a longer one
+    several, in one launch."""
+    import runtime.models.native.triton_attention as ta
+
+    monkeypatch.setattr(ta, "DECODE_MIN_KEYS", 48)
+    monkeypatch.setitem(ta.DECODE_OPTIONS, 4, (16, 4, 3))  # 16-key tiles: 1, 1, 3 and 3 splits of 4 in use
+    got, want, got_cache, ref_cache = _case([3, 40, 100, 128], [(30, 40)], None, 4, seed=11)
+    assert torch.equal(got_cache, ref_cache)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_kernels_read_a_float8_cache_as_the_torch_backend_does():
     """`--kv-cache-dtype fp8`: both backends store this step's keys and values rounded to float8 and read the cache
     back in the queries' type."""

@@ -171,7 +171,7 @@ class NativeRunner:
         caches = torch.zeros(len(self.model.layers), 2, 1, self.block_size, attn.kv_heads, attn.head_dim,
                              dtype=self.cache_dtype, device=self.device)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(tokens, device=self.device) % self.model.cos.shape[0]
+        positions = torch.arange(tokens, device=self.device) % self.model.rope.shape[0]
         meta = AttentionMetadata(slot_mapping=torch.zeros_like(ids),
                                  block_tables=torch.zeros(1, -(-tokens // self.block_size), dtype=torch.int32,
                                                           device=self.device),

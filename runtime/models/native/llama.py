@@ -93,15 +93,15 @@ class DecoderLayer(nn.Module):
 class NativeCausalLM(nn.Module):
     """`embed_tokens` and `lm_head` are set by the loader (plain or vocabulary-parallel, tied or not)."""
 
-    def __init__(self, cfg: NativeConfig, shape: TPShape, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, cfg: NativeConfig, shape: TPShape, rope: torch.Tensor):
+        """`rope`: [positions, 2, head_dim] rotary cos and sin tables in the activations' dtype."""
         super().__init__()
         self.config = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg, shape) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_tokens: nn.Module = nn.Embedding(0, cfg.hidden_size)
         self.lm_head: nn.Module = nn.Identity()
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("rope", rope, persistent=False)
         self.stages = None  # compiled per-layer stages (`compile`)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -117,7 +117,8 @@ class NativeCausalLM(nn.Module):
         """x: input embeddings [T, hidden] (`embed`, with prompt-prefix rows written over); caches: [layers, 2,
         blocks, block_size, KVH, D]. Returns the last layer's hidden states [T, hidden] (the final norm is the
         head's, in `logits`)."""
-        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        rope = self.rope[positions]  # one gather for both tables: cos and sin are views
+        cos, sin = rope[:, 0], rope[:, 1]
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, cos, sin, cache, meta, backend, self.stages)
         return x

@@ -76,15 +76,15 @@ def load_native(config: EngineConfig, shard: tuple[int, int] | None = None) -> L
     shape = TPShape(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size) if split is None else TPShape(
         split.q_heads[rank], split.kv_heads[rank], split.sizes("mlp")[rank], parallel=True)
     vocab_rows = cfg.vocab_size if split is None else split.sizes("vocab")[rank]
-    cos, sin = rotary_tables(hf, config.max_sequence_length or cfg.max_position_embeddings, device)
+    rope = torch.stack(rotary_tables(hf, config.max_sequence_length or cfg.max_position_embeddings, device), 1)
     with torch.device("meta"):  # parameters get memory once, on the device, in the serving dtype
-        model = NativeCausalLM(cfg, shape, cos, sin)
+        model = NativeCausalLM(cfg, shape, rope)
         model.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size, _freeze=True)
         model.lm_head = Projection(cfg.hidden_size, [vocab_rows], bias=False)
     model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives shared parameters separate storage
         model.lm_head.weight = model.embed_tokens.weight
-    model.cos, model.sin = cos, sin
+    model.rope = rope.to(dtype)  # cast once, as transformers casts them per step
     if config.load_format == "dummy":
         _random_weights(model)
     else:
@@ -153,7 +153,7 @@ def _expected_slots(model: NativeCausalLM) -> list[tuple[str, int | None]]:
 
 def _random_weights(model: NativeCausalLM) -> None:
     """Normal(0, 0.02) matrices, unit norms, zero biases: activations stay in range over many layers."""
-    gen = torch.Generator(device=model.cos.device).manual_seed(0)
+    gen = torch.Generator(device=model.rope.device).manual_seed(0)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)

@@ -28,6 +28,9 @@ from runtime.models.native.pdl import release, wait
 # swept on an H200 (`scripts/gpu_native.py --phases kernels`): a bfloat16 cache is read at the copy bandwidth with
 # 64-key tiles; a float8 cache needs 128-key tiles to keep enough bytes in flight.
 DECODE_OPTIONS = {1: (128, 4, 2), 2: (64, 4, 3), 4: (64, 4, 3)}
+# Keys a decode split covers at least: shorter contexts take fewer splits, and one split needs no merge
+# (`scripts/gpu_native.py --phases kernels` sweeps it).
+DECODE_MIN_KEYS = 0
 PREFILL_TILE_M, PREFILL_TILE_N = 64, 64
 MAX_SPLITS = 16
 
@@ -106,11 +109,13 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
             stride_vt, stride_vh, stride_rt, stride_cb, stride_ct, stride_ch, stride_tb, stride_ob, stride_oh,
             stride_os, stride_xb, stride_xh, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr,
-            PRECISION: tl.constexpr, HALF_DOT: tl.constexpr, CLAMP: tl.constexpr, GDC: tl.constexpr):
-    """One (row, KV head, split). Rotates the row's queries of this group; the split holding the newest position
-    rotates its key, stores key and value in their slot and folds them into its softmax from registers (no reload).
-    With several splits, the last of a group's programs to finish merges their partial softmaxes: an atomic count
-    per (row, KV head), reset by the merger, replaces a merge kernel."""
+            PRECISION: tl.constexpr, HALF_DOT: tl.constexpr, CLAMP: tl.constexpr, MIN_KEYS: tl.constexpr,
+            GDC: tl.constexpr):
+    """One (row, KV head, split) over at least MIN_KEYS keys; splits past the context return at once. Rotates the
+    row's queries of this group; the split holding the newest position rotates its key, stores key and value in
+    their slot and folds them into its softmax from registers (no reload). With several splits in use, the last of
+    a group's programs to finish merges their partial softmaxes: an atomic count per (row, KV head), reset by the
+    merger, replaces a merge kernel; with one split in use it writes the output."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     wait(GDC)
     length = tl.load(lens_ptr + b)
@@ -118,7 +123,10 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     lo = length * 0
     if window > 0:
         lo = tl.maximum(length - window, 0)
-    per_split = tl.cdiv(tl.cdiv(length - lo, SPLITS), TILE) * TILE
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(length - lo, SPLITS), TILE) * TILE, MIN_KEYS)
+    used = tl.cdiv(length - lo, per_split)  # splits past the context do nothing
+    if s >= used:
+        return
     start = lo + s * per_split
     end = tl.minimum(start + per_split, length)
     dims = tl.arange(0, HEAD_DIM)
@@ -162,28 +170,30 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     release(GDC)
     has = denom > 0
     out = acc / tl.where(has, denom, 1.0)[:, None]
-    if SPLITS == 1:
+    if used == 1:  # the only split: the output itself
         tl.store(out_ptr + b * stride_xb + heads[:, None] * stride_xh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-    else:
-        lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
-        base = b * stride_ob + heads * stride_oh + s * stride_os
-        tl.store(part_out_ptr + base[:, None] + dims[None, :], out, mask=head_ok[:, None])
-        tl.store(part_lse_ptr + (b * stride_ob + heads * stride_oh) // HEAD_DIM + s, lse, mask=head_ok)
-        tl.debug_barrier()  # every thread's partials are stored before the count announces them
-        count = counts_ptr + b * tl.num_programs(1) + g
-        if tl.atomic_add(count, 1, sem="acq_rel") == SPLITS - 1:
-            _merge(part_out_ptr, part_lse_ptr, out_ptr, b * stride_ob + (g * GROUP + tl.arange(0, BLOCK_G)) * stride_oh,
-                   b * stride_xb + (g * GROUP + tl.arange(0, BLOCK_G)) * stride_xh, tl.arange(0, BLOCK_G) < GROUP,
-                   tl.cdiv(length - lo, per_split), dims, stride_os, HEAD_DIM, SPLITS)
-            tl.store(count, 0)  # ready for the next layer's launch
+    if SPLITS > 1:
+        if used > 1:
+            lse = tl.where(has, m + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
+            base = b * stride_ob + heads * stride_oh + s * stride_os
+            tl.store(part_out_ptr + base[:, None] + dims[None, :], out, mask=head_ok[:, None])
+            tl.store(part_lse_ptr + (b * stride_ob + heads * stride_oh) // HEAD_DIM + s, lse, mask=head_ok)
+            tl.debug_barrier()  # every thread's partials are stored before the count announces them
+            count = counts_ptr + b * tl.num_programs(1) + g
+            if tl.atomic_add(count, 1, sem="acq_rel") == used - 1:
+                group = g * GROUP + tl.arange(0, BLOCK_G)
+                _merge(part_out_ptr, part_lse_ptr, out_ptr, b * stride_ob + group * stride_oh,
+                       b * stride_xb + group * stride_xh, tl.arange(0, BLOCK_G) < GROUP, used, dims, stride_os,
+                       HEAD_DIM, SPLITS)
+                tl.store(count, 0)  # ready for the next layer's launch
 
 
 @triton.jit
 def _merge(part_out_ptr, part_lse_ptr, out_ptr, parts_at, out_at, head_ok, used, dims, stride_os,
            HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-    """The group's heads' partial softmaxes (splits past `used` hold nothing) merged by their log-sum-exp, all in
-    one round of loads (past the L1 cache: other programs wrote them)."""
+    """The group's heads' partial softmaxes (splits past `used` did not run) merged by their log-sum-exp, all in one
+    round of loads (past the L1 cache: other programs wrote them)."""
     splits = tl.arange(0, SPLITS)
     ok = head_ok[:, None] & (splits < used)[None, :]
     lse = tl.load(part_lse_ptr + parts_at[:, None] // HEAD_DIM + splits[None, :], mask=ok, other=float("-inf"),
@@ -312,7 +322,8 @@ class TritonAttention:
             part_out.stride(2) if splits > 1 else 0, out.stride(0), out.stride(1),
             GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
             HEAD_DIM=dim, BLOCK_SIZE=cache.shape[2], TILE=tile, SPLITS=splits, PRECISION=_precision(q),
-            HALF_DOT=_half_dot(q, cache), CLAMP=FP8_MAX if cache.dtype == FP8 else 0.0, GDC=gdc, num_warps=warps,
+            HALF_DOT=_half_dot(q, cache), CLAMP=FP8_MAX if cache.dtype == FP8 else 0.0, MIN_KEYS=DECODE_MIN_KEYS,
+            GDC=gdc, num_warps=warps,
             num_stages=stages, launch_pdl=gdc)
 
     def _counts(self, n: int, device: torch.device) -> torch.Tensor:
