@@ -554,12 +554,12 @@ def replayed_us(call, reps: int = 20, repeats: int = 5) -> float:
 def kernel_sweep() -> dict:
     """The decode attention kernel on one layer of the 8B shape: a bfloat16 cache with its options, a float8 cache
     over launch options (keys per tile, warps, stages: `DECODE_OPTIONS` of triton_attention.py, restored after) and
-    splits per sequence (None: the batch-size rule); at batch 1 the least keys per split (`DECODE_MIN_KEYS`)."""
+    splits per sequence (None: the batch-size rule)."""
     import runtime.models.native.triton_attention as ta
     from runtime.models.native.attention import FP8
 
     heads, kv_heads, dim, bs = 32, 8, 128, 16
-    fp8_default, min_keys = ta.DECODE_OPTIONS[1], ta.DECODE_MIN_KEYS
+    fp8_default = ta.DECODE_OPTIONS[1]
     grid = [(t, w, 2, sp) for t in (64, 128, 256) for w in (4, 8) for sp in (None, 2)]
     if DEVICE != "cuda":
         grid = grid[:2]
@@ -577,15 +577,13 @@ def kernel_sweep() -> dict:
             angle = torch.rand(batch, dim, device=DEVICE, generator=g)
             cos, sin = angle.cos().to(q.dtype), angle.sin().to(q.dtype)
             slots = tables[:, (context - 1) // bs].long() * bs + (context - 1) % bs  # the newest position's
-            least = [("min_keys", n) for n in (128, 256, 384, 512)] if batch == 1 else []
-            for name, c, runs in (("bf16", cache, [None, *least]), ("fp8", cache.clamp(-448, 448).to(FP8), grid)):
+            for name, c, runs in (("bf16", cache, [None]), ("fp8", cache.clamp(-448, 448).to(FP8), grid)):
                 read = batch * context * kv_heads * dim * 2 * c.element_size()
                 rows, want = {}, None
                 for run in runs:
-                    ta.DECODE_MIN_KEYS = run[1] if run and run[0] == "min_keys" else min_keys
-                    if run is not None and run[0] != "min_keys":
+                    if run is not None:
                         ta.DECODE_OPTIONS[1] = run[:3]
-                    backend = ta.TritonAttention(run[3] if run and run[0] != "min_keys" else None)
+                    backend = ta.TritonAttention(run[3] if run else None)
                     res = torch.empty_like(q)
 
                     def call():
@@ -599,7 +597,7 @@ def kernel_sweep() -> dict:
             del cache
             release()
     finally:
-        ta.DECODE_OPTIONS[1], ta.DECODE_MIN_KEYS = fp8_default, min_keys
+        ta.DECODE_OPTIONS[1] = fp8_default
     return out
 
 
