@@ -27,7 +27,6 @@ Phases (JSON report, one key each):
 - profile, profile_compiled, decode_compiled: where a batch-128 decode step's time goes (graph replay, engine step
   synchronous and async, the calls that make the host wait, host and device profiles); batch-1 decode compiled;
   profile_bs1: the same profile at batch 1 (compiled).
-- pdl: batch-1 decode without programmatic dependent launch, then with it but without the GEMVs' L2 prefetch.
 - kernels: the decode attention kernel alone on one layer of the 8B shape (batch 128 x 1,024 tokens, 32 x 2,048
   and 1 x 2,048), a bfloat16 cache, then a float8 cache over launch options (keys per tile, warps, pipeline stages,
   splits): time, the cache bytes read per second, and the output's largest difference from the first run's.
@@ -860,12 +859,11 @@ def main() -> None:
         if "pdl" in phases:  # batch-1 decode without programmatic dependent launch (its A/B)
             import runtime.models.native.pdl as pdl
 
-            for flag, key in (("ENABLED", "decode_bs1_no_pdl"), ("PREFETCH", "decode_bs1_no_prefetch")):
-                setattr(pdl, flag, False)
-                try:
-                    on_own_engine(lambda engine: record(key, decode_phase(big, engine)))  # noqa: B023
-                finally:
-                    setattr(pdl, flag, True)
+            pdl.ENABLED = False
+            try:
+                on_own_engine(lambda engine: record("decode_bs1_no_pdl", decode_phase(big, engine)))
+            finally:
+                pdl.ENABLED = True
         for flag in ("profile", "profile_compiled", "profile_bs1"):
             if flag in phases:
                 import runtime.models.native.pdl as pdl

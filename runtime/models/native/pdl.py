@@ -4,14 +4,9 @@ Why: at batch 1 a layer is five kernels of 5-55 µs back to back (four GEMVs and
 of them the GPU drains the first and then launches and ramps up the second, 160 times a step. A kernel launched with
 PDL may be scheduled while the one before is finishing: its programs become resident and block in
 `griddepcontrol.wait` until the kernel before has completed and its writes are visible. Every kernel that takes
-part waits before it reads anything the kernel before it may write, so the order of results never depends on
+part waits first, before it reads anything a kernel before it may write, so the order of results never depends on
 timing; CUDA graphs capture the launches with their programmatic edges. Kernels launched without PDL (torch's, or
 any on a GPU before Hopper) ignore the instructions.
-
-What no kernel in flight writes may be read before the wait: a kernel starts early only once the one before it has
-passed its own wait, so every kernel before that one has completed. The waiting time then hides DRAM latency:
-weights are prefetched into L2 (`prefetch`), the attention kernel loads its first tile of cached keys and values
-(written by earlier steps) and the step's lengths and block tables (written before its first kernel).
 """
 
 from __future__ import annotations
@@ -22,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = True  # scripts/gpu_native.py's A/B switches
-PREFETCH = True
+ENABLED = True  # scripts/gpu_native.py's A/B switch
 
 
 @functools.cache
@@ -34,19 +28,6 @@ def _hopper(index: int) -> bool:
 def usable(t: torch.Tensor) -> bool:
     """Launch with PDL: a CUDA tensor on a Hopper-or-later GPU (the interpreter on the CPU has no such launch)."""
     return ENABLED and t.is_cuda and _hopper(t.device.index or 0)
-
-
-def prefetching(t: torch.Tensor) -> bool:
-    """Prefetch weights into L2 before the wait (with PDL only: without it there is nothing to wait behind)."""
-    return PREFETCH and usable(t)
-
-
-@triton.jit
-def prefetch(ptrs, PREFETCH: tl.constexpr):
-    """Ask L2 for the lines at `ptrs` (one per 128 bytes is enough) without holding registers for them."""
-    if PREFETCH:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit

@@ -74,37 +74,22 @@ def _rotary_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr,
 
 
 @triton.jit
-def _gather(k_ptr, v_ptr, table_ptr, pos, loadable, g, dims, stride_cb, stride_ct, stride_ch,
-            BLOCK_SIZE: tl.constexpr):
-    """The keys and values of positions `pos` of one sequence, through its block table (as the cache holds them)."""
+def _attend_tile(q, k_ptr, v_ptr, table_ptr, pos, loadable, visible, g, dims, m, denom, acc, scale, stride_cb,
+                 stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of keys (positions `pos` of one sequence, gathered through its block table) folded into the running
+    softmax (max `m`, denominator, weighted values); `visible` masks scores, rows that see nothing stay empty. Keys
+    and values are read in the queries' type (a float8 cache holds them in one byte each)."""
     block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=loadable, other=0)
     rows = block.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_ct + g * stride_ch
-    k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0)
-    v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0)
-    return k, v
-
-
-@triton.jit
-def _fold(q, k, v, visible, m, denom, acc, scale, PRECISION: tl.constexpr):
-    """One tile of keys and values folded into the running softmax (max `m`, denominator, weighted values);
-    `visible` masks scores, rows that see nothing stay empty. Keys and values are read in the queries' type (a
-    float8 cache holds them in one byte each)."""
-    k, v = k.to(q.dtype), v.to(q.dtype)
+    k = tl.load(k_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0).to(q.dtype)
     scores = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
+    v = tl.load(v_ptr + rows[:, None] + dims[None, :], mask=loadable[:, None], other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, denom * alpha + tl.sum(p, 1), acc
-
-
-@triton.jit
-def _attend_tile(q, k_ptr, v_ptr, table_ptr, pos, loadable, visible, g, dims, m, denom, acc, scale, stride_cb,
-                 stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
-    """Positions `pos` gathered and folded (`_gather`, `_fold`)."""
-    k, v = _gather(k_ptr, v_ptr, table_ptr, pos, loadable, g, dims, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
-    return _fold(q, k, v, visible, m, denom, acc, scale, PRECISION)
 
 
 @triton.jit
@@ -127,10 +112,10 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     row's queries of this group; the split holding the newest position rotates its key, stores key and value in
     their slot and folds them into its softmax from registers (no reload). With several splits in use, the last of
     a group's programs to finish merges their partial softmaxes: an atomic count per (row, KV head), reset by the
-    merger, replaces a merge kernel; with one split in use it writes the output. Its first tile of cached keys
-    and values is loaded before the PDL wait, while the Q/K/V projection finishes (`pdl.py`)."""
+    merger, replaces a merge kernel; with one split in use it writes the output."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    length = tl.load(lens_ptr + b)  # up to the wait: what no kernel in flight writes (pdl.py)
+    wait(GDC)
+    length = tl.load(lens_ptr + b)
     newest = length - 1
     lo = length * 0
     if window > 0:
@@ -146,12 +131,6 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     c = tl.load(cos_ptr + b * stride_rt + dims).to(tl.float32)
     sn = tl.load(sin_ptr + b * stride_rt + dims).to(tl.float32)
     sn = tl.where(dims < HEAD_DIM // 2, -sn, sn)
-    cached = tl.minimum(end, newest)  # the newest key is not in the cache yet
-    pos = start + tl.arange(0, TILE)
-    first_ok = pos < cached
-    table = tables_ptr + b * stride_tb
-    k0, v0 = _gather(k_ptr, v_ptr, table, pos, first_ok, g, dims, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
-    wait(GDC)
     heads = g * GROUP + tl.arange(0, BLOCK_H)
     head_ok = tl.arange(0, BLOCK_H) < GROUP
     q = _rotated(q_ptr + b * stride_qb + heads[:, None] * stride_qh, dims[None, :], partner[None, :], c, sn,
@@ -161,12 +140,12 @@ def _decode(q_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_p
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    m, denom, acc = _fold(q, k0, v0, first_ok[None, :], m, denom, acc, scale, PRECISION)  # the tile loaded early
-    for tile in range(start + TILE, cached, TILE):
+    cached = tl.minimum(end, newest)  # the newest key is not in the cache yet
+    for tile in range(start, cached, TILE):
         pos = tile + tl.arange(0, TILE)
         ok = pos < cached
-        m, denom, acc = _attend_tile(q, k_ptr, v_ptr, table, pos, ok, ok[None, :], g, dims, m, denom, acc, scale,
-                                     stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
+        m, denom, acc = _attend_tile(q, k_ptr, v_ptr, tables_ptr + b * stride_tb, pos, ok, ok[None, :], g, dims, m,
+                                     denom, acc, scale, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, PRECISION)
     if (start <= newest) & (newest < end):
         k = _rotated(k_new_ptr + b * stride_kt + g * stride_kh, dims, partner, c, sn, dims < HEAD_DIM)
         v = tl.load(v_new_ptr + b * stride_vt + g * stride_vh + dims)

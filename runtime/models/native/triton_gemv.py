@@ -21,7 +21,7 @@ import triton.language as tl
 
 from runtime.models.native import pdl
 from runtime.models.native.layers import Projection
-from runtime.models.native.pdl import prefetch, release, wait
+from runtime.models.native.pdl import release, wait
 
 # Launch options (output rows per program, inputs per tile, warps, stages) by output size, as swept on an H200
 # (`scripts/gpu_native.py --phases gemv`, medians of interleaved runs): the 8B shape's 4,096-output projections
@@ -29,7 +29,6 @@ from runtime.models.native.pdl import prefetch, release, wait
 # three stages, gate-up and the LM head as 16 × 256 tiles of 4 warps.
 OPTIONS = {4096: (16, 1024, 8, 1), 8192: (8, 512, 4, 3), 1 << 62: (16, 256, 4, 1)}
 HALF = (torch.bfloat16, torch.float16)
-PREFETCH_COLUMNS = tl.constexpr(1024)  # of each program's rows (2 bytes each), asked of L2 while it waits
 
 
 @triton.jit
@@ -53,8 +52,7 @@ def _load(x_ptr, w_rows, row_ok, cols, K, EVEN: tl.constexpr):
 @triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scale, HAS_BIAS: tl.constexpr,
           NORM: tl.constexpr, ACTIVATE: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GDC: tl.constexpr,
-          PREFETCH: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GDC: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     if ACTIVATE:  # this program's gate rows, then the up rows that pair with them (W = [gate; up])
         out = tl.program_id(0) * (BLOCK_N // 2) + j % (BLOCK_N // 2)
@@ -66,8 +64,6 @@ def _gemv(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, y_ptr, N, K, stride_w, eps, scal
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_K], tl.float32)
-    lines = tl.minimum(tl.arange(0, PREFETCH_COLUMNS // 64) * 64, K - 1)  # one per 128 bytes, within the rows
-    prefetch(w_ptr + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_w + lines[None, :], PREFETCH)
     wait(GDC)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
@@ -111,8 +107,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         out if residual is None else residual, out, n, k, weight.stride(0), eps, scale, HAS_BIAS=bias is not None,
         NORM=norm_weight is not None, ACTIVATE=activate, RESIDUAL=residual is not None,
         SCALED=residual is not None and scale != 1.0, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=n % block_n == 0 and k % block_k == 0, GDC=gdc, PREFETCH=pdl.prefetching(x), num_warps=warps,
-        num_stages=stages, launch_pdl=gdc)
+        EVEN=n % block_n == 0 and k % block_k == 0, GDC=gdc, num_warps=warps, num_stages=stages, launch_pdl=gdc)
 
 
 @torch.library.custom_op("tgis::gemv", mutates_args=())
