@@ -7,48 +7,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_cases import random_step
 from conftest import HAS_TRITON
 from engine_utils import request, run
 from test_engine import MAX_NEW, PROMPTS
 
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.config import EngineConfig
-from runtime.models.native.attention import AttentionMetadata, TorchAttention
+from runtime.models.native.attention import TorchAttention
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is a dev dependency (`make install` installs it)")
 
-H, KVH, D, BS, NB = 8, 2, 32, 16, 48
-
-
 def _case(decodes: list[int], chunks: list[tuple[int, int]], window: int | None, splits: int | None, seed: int,
           cache_dtype: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
-    """Random cache and step: `decodes` context lengths, `chunks` (cached, new) token counts; queries, keys and
-    values in `dtype`."""
+    """The Triton backend and the torch oracle on one random step (`attention_cases.random_step`)."""
     from runtime.models.native.triton_attention import TritonAttention
 
-    g = torch.Generator().manual_seed(seed)
-    rows = len(decodes) + len(chunks)
-    cache = torch.randn(2, NB, BS, KVH, D, generator=g).to(cache_dtype)
-    tables = (torch.randperm(NB - 1, generator=g) + 1)[: rows * 8].view(rows, 8).to(torch.int32)
-    qlens = [1] * len(decodes) + [n for _, n in chunks]
-    lens = list(decodes) + [c + n for c, n in chunks]
-    q = torch.randn(sum(qlens), H, D, generator=g)
-    k, v = torch.randn(sum(qlens), KVH, D, generator=g), torch.randn(sum(qlens), KVH, D, generator=g)
-    positions = torch.tensor([p for r in range(rows) for p in range(lens[r] - qlens[r], lens[r])])
-    angles = positions[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    q, k, v, cos, sin = (t.to(dtype) for t in (q, k, v, cos, sin))
-    slots = [int(tables[r, p // BS]) * BS + p % BS for r in range(rows) for p in range(lens[r] - qlens[r], lens[r])]
-    starts = [0]
-    for n in qlens:
-        starts.append(starts[-1] + n)
-    meta = AttentionMetadata(torch.tensor(slots), tables, torch.tensor(lens, dtype=torch.int32),
-                             torch.tensor(starts, dtype=torch.int32), len(decodes), lens, qlens)
-    ref_cache, got_cache = cache.clone(), cache.clone()
-    want = TorchAttention()(q, k, v, cos, sin, ref_cache, meta, D**-0.5, window)
+    step = random_step(decodes, chunks, seed, cache_dtype=cache_dtype, dtype=dtype, num_blocks=48, table_width=8)
+    want, ref_cache = step.run(TorchAttention(), window)
     backend = TritonAttention(splits)
-    got = backend(q, k, v, cos, sin, got_cache, meta, D**-0.5, window)
-    again = backend(q, k, v, cos, sin, cache.clone(), meta, D**-0.5, window)  # as the next layer's launch
+    got, got_cache = step.run(backend, window)
+    again, _ = step.run(backend, window)  # as the next layer's launch
     assert torch.equal(again, got) and (backend.counts is None or not backend.counts.any()), "merge counts reset"
     return got, want, got_cache, ref_cache
 
@@ -102,7 +81,7 @@ def test_engine_tokens_with_triton_kernels_and_the_graph_decode_path(tiny_model)
                   max_num_batched_tokens=16, debug_checks=True)
     reqs = lambda engine: [request(engine, t, max_new_tokens=n)  # noqa: E731
                            for t, n in zip(PROMPTS[:5], MAX_NEW[:5], strict=True)]
-    torch_engine = AsyncEngine(EngineConfig(**common))
+    torch_engine = AsyncEngine(EngineConfig(attention_backend="torch", **common))
     triton_engine = AsyncEngine(EngineConfig(attention_backend="triton", async_scheduling=True, **common))
     try:
         runner = triton_engine.core.runner

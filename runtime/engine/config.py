@@ -38,7 +38,9 @@ class EngineConfig:
     # plan and launch step N+1 while step N runs (native runner in one process); None: on CUDA
     async_scheduling: bool | None = None
     compile: bool | None = None  # torch.compile the native model (TGIS PT2_COMPILE); None: on CUDA only
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    onednn: bool = True  # CPU: projections through oneDNN-packed weights (native runner); False: F.linear (A/B)
+    # auto: triton on CUDA, cpu (torch with decode rows through a C++ kernel) on the CPU; torch: plain torch only
+    attention_backend: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the configured shape (benchmarks)
     debug_checks: bool = False  # verify KV block invariants after every step (tests)
 

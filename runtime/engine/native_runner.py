@@ -48,11 +48,15 @@ class StepInputs:
 def attention_backend(config: EngineConfig, device: torch.device):
     name = config.attention_backend
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "torch"
     if name == "triton":
         from runtime.models.native.triton_attention import TritonAttention
 
         return TritonAttention()
+    if name == "cpu":
+        from runtime.models.native.cpu_attention import CpuAttention
+
+        return CpuAttention()
     return TorchAttention()
 
 
@@ -81,6 +85,10 @@ class NativeRunner:
             from runtime.models.native.triton_gemv import install
 
             install(self.model)
+        elif self.device.type == "cpu" and config.onednn:
+            from runtime.models.native import onednn
+
+            onednn.install(self.model)
         if config.compile or (config.compile is None and self.device.type == "cuda"):
             self.model.compile()  # fuses the norms, rotary, activation and residuals between the kernels
 

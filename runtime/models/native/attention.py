@@ -5,8 +5,9 @@ chunk's tokens in order. Every layer's backend rotates the step's queries and ke
 writes keys and values into their cache slots, then each query attends to its sequence's cached keys up to its own
 position (and, with a sliding window, no further back).
 
-Backends: `TorchAttention` (plain torch over the block tables; runs everywhere and is the test oracle) and the
-Triton kernels of runtime/models/native/triton_attention.py (CUDA).
+Backends: `TorchAttention` (plain torch over the block tables; runs everywhere and is the test oracle), its CPU
+refinement `CpuAttention` (decode rows through a C++ kernel, runtime/models/native/cpu_attention.py) and the Triton
+kernels of runtime/models/native/triton_attention.py (CUDA).
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ class TorchAttention:
             k, v = stored(k, cache).to(q.dtype), stored(v, cache).to(q.dtype)
         write_kv(cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        if meta.num_decodes:
+            self.decode(q, cache, meta, scale, window, out)
+        self.prompts(q, k, v, cache, meta, scale, window, out)
+        return out
+
+    def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+               window: int | None, out: torch.Tensor) -> None:
+        """Attention of the decode rows [0, num_decodes) (rotated queries; their keys are in the cache) into
+        `out`'s first rows."""
         block_size = cache.shape[2]
         d = meta.num_decodes
         for rows, length in _length_groups(meta.seq_lens_host[:d]):
@@ -126,8 +136,13 @@ class TorchAttention:
             if window is not None:
                 mask &= pos[None, :] >= lens - window
             out[index] = _attend(q[index, None], keys, values, mask[:, None], scale)[:, 0]
-        start = d
-        for row in range(d, len(meta.query_lens_host)):
+
+    def prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, window: int | None, out: torch.Tensor) -> None:
+        """Attention of each prompt chunk's rows (after the decode rows) into `out`."""
+        block_size = cache.shape[2]
+        start = meta.num_decodes
+        for row in range(start, len(meta.query_lens_host)):
             n, length = meta.query_lens_host[row], meta.seq_lens_host[row]
             if n == length:  # a whole prompt: its keys are this step's
                 keys, values = k[start:start + n], v[start:start + n]
@@ -141,4 +156,3 @@ class TorchAttention:
                 mask &= kpos > qpos - window
             out[start:start + n] = _attend(q[None, start:start + n], keys[None], values[None], mask[None], scale)[0]
             start += n
-        return out

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.native import onednn
 from runtime.models.native.lora import LoraSlots, StackedLora
 
 
@@ -39,7 +40,8 @@ class Projection(nn.Module):
     `matvec`: a kernel for one-row inputs (batch-1 decode) that also computes the input (`norm`), activates
     (`activate`) and adds the residual, set
     by the runner where it has one (runtime/models/native/triton_gemv.py): at batch 1 the small kernels between
-    the products cost as much as the products' own inefficiency."""
+    the products cost as much as the products' own inefficiency. On the CPU the weight may be packed for oneDNN
+    (runtime/models/native/onednn.py)."""
 
     def __init__(self, in_features: int, parts: list[int], bias: bool, reduce: bool = False, activate: bool = False):
         """`parts`: output sizes of the fused projections (e.g. [q, k, v]), in order."""
@@ -64,7 +66,7 @@ class Projection(nn.Module):
                 return y
         else:
             x = x if norm is None else norm(x)
-            y = F.linear(x, self.weight, bias)
+            y = onednn.linear(x, self.weight, bias) if self.weight.is_mkldnn else F.linear(x, self.weight, bias)
             if self._lora_active():
                 y = y + self.lora.delta(x, self.slots)
             if self.activate:

@@ -145,3 +145,8 @@ class NativeCausalLM(nn.Module):
         """Per layer, the projections LoRA adapters can target."""
         return [{"qkv": layer.attn.qkv, "o": layer.attn.o, "gate_up": layer.mlp.gate_up, "down": layer.mlp.down}
                 for layer in self.layers]
+
+    def products(self) -> list[Projection]:
+        """Every projection, and the LM head unless it is split over ranks: what a faster product kernel serves."""
+        head = [self.lm_head] if isinstance(self.lm_head, Projection) else []
+        return [p for layer in self.projections() for p in layer.values()] + head

@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from runtime.models.native import pdl
-from runtime.models.native.layers import Projection
 from runtime.models.native.pdl import release, wait
 
 # Launch options (output rows per program, inputs per tile, warps, stages) by output size, as swept on an H200
@@ -140,7 +139,6 @@ def usable(weight: torch.Tensor) -> bool:
 def install(model) -> None:
     """Route the one-row products of every half-precision projection (and of the LM head, unless it is split over
     ranks) through `gemv`."""
-    head = [model.lm_head] if isinstance(model.lm_head, Projection) else []
-    for projection in [p for layer in model.projections() for p in layer.values()] + head:
+    for projection in model.products():
         if usable(projection.weight):
             projection.matvec = gemv

@@ -1,0 +1,222 @@
+// Decode attention over the paged KV cache on the CPU: one query token per row, every query head of a KV head's
+// group against that row's cached keys and values, read in place through the block table (no gather), with an
+// online softmax in float32 over chunks of 16 positions. Built by runtime/models/native/cpu_attention.py with g++
+// (GCC vector extensions: AVX-512 or AVX2, whichever -march=native finds) and called through ctypes.
+//
+// Layouts (row-major, contiguous): q, out [rows, heads, dim]; cache [2, num_blocks, block_size, kv_heads, dim]
+// (keys, then values); tables [rows, table_width] int32 block ids; lens [rows] int32 context lengths (the newest
+// key included). window > 0: attend to the last `window` positions only. block_size is a multiple of 16 and
+// dim one that `supported_dim` accepts.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int L = 16;  // lanes: positions per chunk, floats per vector
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef uint16_t vh __attribute__((vector_size(2 * L)));
+constexpr float NEG = -1e30f;  // a masked score: finite, so that max and exp need no special cases
+
+inline vf load(const float* p) {
+    vf x;
+    std::memcpy(&x, p, sizeof x);
+    return x;
+}
+inline vf load(const uint16_t* p) {  // bfloat16 -> float32: the bits are the high half
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    vi u = __builtin_convertvector(h, vi) << 16;
+    vf x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+inline void narrow(float x, float* p) { *p = x; }
+inline void narrow(float x, uint16_t* p) {  // float32 -> bfloat16, round to nearest even (torch's rounding)
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    *p = std::isnan(x) ? 0x7fc0 : static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+// Horizontal reductions as trees of shuffles (a lane-by-lane loop is a chain of 16 dependent scalar operations).
+inline float sum(vf x) {
+    x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return x[0] + x[1];
+}
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+inline float max(vf x) {
+    x = vmax(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    x = vmax(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
+    x = vmax(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
+    return std::max(x[0], x[1]);
+}
+
+// The 16 horizontal sums of s[0..15] as one vector (lane t: the sum of s[t]'s lanes): four levels of pairwise
+// shuffles and adds, 45 operations instead of 16 separate trees.
+inline vf sums(const vf* s) {
+    vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+        a[i] = __builtin_shufflevector(s[2 * i], s[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(s[2 * i], s[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                       31);
+    for (int i = 0; i < 4; ++i)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                       31);
+    for (int i = 0; i < 2; ++i)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                       31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// e^x for x <= 0, lane-wise (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial; relative error
+// ~2e-7); below -87 the result is 0.
+inline vf exp_neg(vf x) {
+    const vf low = x < -87.0f ? vf{} + 1.0f : vf{};
+    x = low > 0.0f ? vf{} - 87.0f : x;
+    vf n = x * 1.44269504088896341f + 0.5f;
+    vi ni = __builtin_convertvector(n, vi);
+    ni = ni - (__builtin_convertvector(ni, vf) > n ? 1 : 0);  // floor
+    vf fn = __builtin_convertvector(ni, vf);
+    vf r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    vf p = vf{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi bits = (ni + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return low > 0.0f ? vf{} : p * scale;
+}
+
+inline void widen_row(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void widen_row(const uint16_t* src, float* dst, int64_t n) {
+    for (int64_t i = 0; i < n; i += L) {
+        const vf x = load(src + i);
+        std::memcpy(dst + i, &x, sizeof x);
+    }
+}
+
+// One (row, KV head) at a time: each chunk's keys and values are widened once into float32 buffers (L1-resident),
+// then every query head of the group scores the chunk (its query and accumulator in registers: C is a compile-time
+// count of 16-float vectors per head) and folds it into its online softmax.
+template <typename T, int C>
+void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int32_t* lens, int64_t rows,
+            int64_t heads, int64_t kv_heads, int64_t num_blocks, int64_t block_size, int64_t table_width,
+            float scale, int64_t window, int threads) {
+    constexpr int64_t D = C * L;
+    const int64_t group = heads / kv_heads;
+    const int64_t token_stride = kv_heads * D;
+    const int64_t block_stride = block_size * token_stride;
+    const vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            alignas(64) float kbuf[L * D], vbuf[L * D];
+            std::vector<vf> qv(group * C), acc(group * C, vf{});
+            std::vector<float> top(group, NEG), total(group, 0.0f);
+            for (int64_t g = 0; g < group; ++g)
+                for (int c = 0; c < C; ++c) qv[g * C + c] = load(q + (r * heads + h * group + g) * D + c * L) * scale;
+            const int32_t* table = tables + r * table_width;
+            const int64_t len = lens[r];
+            const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+            for (int64_t p0 = first / L * L; p0 < len; p0 += L) {
+                const int64_t t0 = std::max<int64_t>(first - p0, 0), t1 = std::min<int64_t>(len - p0, L);
+                // block_size is a multiple of L: the chunk lies in one block
+                const T* keys = cache + table[p0 / block_size] * block_stride + p0 % block_size * token_stride +
+                                h * D;
+                const T* values = keys + num_blocks * block_stride;
+                for (int64_t t = 0; t < L; ++t) {
+                    if (t >= t0 && t < t1) {
+                        widen_row(keys + t * token_stride, kbuf + t * D, D);
+                        widen_row(values + t * token_stride, vbuf + t * D, D);
+                    } else {  // outside the context (or the window): finite, weighted by 0
+                        std::memset(kbuf + t * D, 0, D * sizeof(float));
+                        std::memset(vbuf + t * D, 0, D * sizeof(float));
+                    }
+                }
+                const vf outside = (lane < float(t0)) | (lane >= float(t1)) ? vf{} + 1.0f : vf{};
+                for (int64_t g = 0; g < group; ++g) {
+                    vf qg[C], a[C];
+                    for (int c = 0; c < C; ++c) qg[c] = qv[g * C + c];
+                    vf dots[L];
+                    for (int64_t t = 0; t < L; ++t) {
+                        dots[t] = qg[0] * load(kbuf + t * D);
+                        for (int c = 1; c < C; ++c) dots[t] += qg[c] * load(kbuf + t * D + c * L);
+                    }
+                    const vf s = outside > 0.0f ? vf{} + NEG : sums(dots);
+                    const float m = std::max(top[g], max(s));
+                    const float rescale = std::exp(top[g] - m);
+                    top[g] = m;
+                    const vf e = exp_neg(s - m);
+                    total[g] = total[g] * rescale + sum(e);
+                    for (int c = 0; c < C; ++c) a[c] = acc[g * C + c] * rescale;
+                    for (int64_t t = 0; t < L; ++t)
+                        for (int c = 0; c < C; ++c) a[c] += e[t] * load(vbuf + t * D + c * L);
+                    for (int c = 0; c < C; ++c) acc[g * C + c] = a[c];
+                }
+            }
+            for (int64_t g = 0; g < group; ++g)
+                for (int c = 0; c < C; ++c) {
+                    const vf o = acc[g * C + c] / total[g];
+                    for (int i = 0; i < L; ++i) narrow(o[i], out + (r * heads + h * group + g) * D + c * L + i);
+                }
+        }
+    }
+}
+
+template <typename T>
+void dispatch(T* out, const T* q, const T* cache, const int32_t* tables, const int32_t* lens, int64_t rows,
+              int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_blocks, int64_t block_size,
+              int64_t table_width, float scale, int64_t window, int threads) {
+#define TGIS_DECODE(C)                                                                                        \
+    case C:                                                                                                  \
+        return decode<T, C>(out, q, cache, tables, lens, rows, heads, kv_heads, num_blocks, block_size,     \
+                            table_width, scale, window, threads);
+    switch (dim / L) {
+        TGIS_DECODE(1)
+        TGIS_DECODE(2)
+        TGIS_DECODE(4)
+        TGIS_DECODE(5)
+        TGIS_DECODE(6)
+        TGIS_DECODE(8)
+        TGIS_DECODE(16)
+    }
+#undef TGIS_DECODE
+}
+
+}  // namespace
+
+extern "C" {
+int supported_dim(int64_t dim) {  // head sizes with a compiled kernel (see dispatch)
+    const int64_t c = dim / L;
+    return dim % L == 0 && (c == 1 || c == 2 || c == 4 || c == 5 || c == 6 || c == 8 || c == 16);
+}
+
+void decode_f32(float* out, const float* q, const float* cache, const int32_t* tables, const int32_t* lens,
+                int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_blocks, int64_t block_size,
+                int64_t table_width, float scale, int64_t window, int threads) {
+    dispatch(out, q, cache, tables, lens, rows, heads, kv_heads, dim, num_blocks, block_size, table_width, scale,
+             window, threads);
+}
+
+void decode_bf16(uint16_t* out, const uint16_t* q, const uint16_t* cache, const int32_t* tables,
+                 const int32_t* lens, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t num_blocks,
+                 int64_t block_size, int64_t table_width, float scale, int64_t window, int threads) {
+    dispatch(out, q, cache, tables, lens, rows, heads, kv_heads, dim, num_blocks, block_size, table_width, scale,
+             window, threads);
+}
+}
