@@ -53,6 +53,7 @@ class Projection(nn.Module):
         self.lora: StackedLora | None = None  # set when an adapter targets this projection
         self.slots: LoraSlots | None = None
         self.matvec: Callable[..., torch.Tensor] | None = None
+        self.packed = False  # the weight is oneDNN-packed (runtime/models/native/onednn.py)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
                 scale: float = 1.0) -> torch.Tensor:
@@ -66,7 +67,7 @@ class Projection(nn.Module):
                 return y
         else:
             x = x if norm is None else norm(x)
-            y = onednn.linear(x, self.weight, bias) if self.weight.is_mkldnn else F.linear(x, self.weight, bias)
+            y = onednn.linear(x, self.weight, bias) if self.packed else F.linear(x, self.weight, bias)
             if self._lora_active():
                 y = y + self.lora.delta(x, self.slots)
             if self.activate:

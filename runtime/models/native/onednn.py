@@ -10,8 +10,12 @@ projection's dense weight (no second copy) everywhere but a tied LM head, whose 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # oneDNN's CPU kernels for these run on AVX2 and AVX-512 alike
 BATCH_HINT = 128  # rows oneDNN tunes the packing for: 1-512 rows measured within 10 % of a packing for each
@@ -30,6 +34,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 def install(model) -> None:
     """Pack every projection's weight (and the LM head's, unless it is split over ranks) in place."""
     for projection in model.products():
-        if usable(projection.weight):
+        if not usable(projection.weight):
+            continue
+        try:
             packed = torch.ops.mkldnn._reorder_linear_weight(projection.weight.detach(), BATCH_HINT)
-            projection.weight = nn.Parameter(packed, requires_grad=False)
+        except RuntimeError as e:  # a oneDNN build without this dtype's kernels: F.linear stays
+            log.info("oneDNN cannot pack %s weights here (%s): projections use F.linear", projection.weight.dtype, e)
+            return
+        projection.weight = nn.Parameter(packed, requires_grad=False)
+        projection.packed = True
