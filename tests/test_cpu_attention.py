@@ -43,9 +43,11 @@ def test_decode_rows_match_the_torch_backend(dtype, tolerance, heads, kv_heads, 
     assert torch.equal(got[d:], want[d:])
 
 
-def test_unsupported_shapes_fall_back_to_the_torch_path():
-    """head_dim 8 is not a multiple of the kernel's 16 lanes: the oracle's path, bit for bit."""
-    step = random_step([5, 40], [], seed=1, heads=4, kv_heads=2, dim=8)
+@pytest.mark.parametrize("dim, block_size", [(8, 16), (48, 16), (32, 8)])
+def test_unsupported_shapes_fall_back_to_the_torch_path(dim, block_size):
+    """A head size that is no multiple of the kernel's 16 lanes (8) or one it is not compiled for (48), a block
+    shorter than its 16-position chunk: the oracle's path, bit for bit."""
+    step = random_step([5, 40], [], seed=1, heads=4, kv_heads=2, dim=dim, block_size=block_size)
     assert torch.equal(step.run(CpuAttention(), None)[0], step.run(TorchAttention(), None)[0])
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
-LANES = 16  # the kernel's chunk: head_dim and block_size must be multiples of it
+LANES = 16  # the kernel's chunk of positions: block_size must be a multiple of it
 _FUNCTIONS = {torch.float32: "decode_f32", torch.bfloat16: "decode_bf16"}
 
 
@@ -70,18 +70,19 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int64, ctypes.c_int]
         fn.restype = None
+    lib.supported_dim.argtypes, lib.supported_dim.restype = [ctypes.c_int64], ctypes.c_int
     return lib
 
 
 class CpuAttention(TorchAttention):
     """TorchAttention with decode rows through the C++ kernel where it applies (float32 or bfloat16 cache in the
-    queries' dtype, head_dim and block_size multiples of 16)."""
+    queries' dtype, a head size the kernel is compiled for, block_size a multiple of 16)."""
 
     def decode(self, q, cache, meta, scale, window, out) -> None:
         lib = library()
         kv_heads, dim = cache.shape[-2:]
-        if (lib is None or q.dtype not in _FUNCTIONS or cache.dtype != q.dtype or dim % LANES
-                or cache.shape[2] % LANES or q.shape[1] % kv_heads):
+        if (lib is None or q.dtype not in _FUNCTIONS or cache.dtype != q.dtype or not lib.supported_dim(dim)
+                or cache.shape[2] % LANES or q.shape[1] % kv_heads or meta.block_tables.dtype != torch.int32):
             return super().decode(q, cache, meta, scale, window, out)
         d = meta.num_decodes
         q, tables, lens = q[:d].contiguous(), meta.block_tables[:d].contiguous(), meta.seq_lens[:d].contiguous()
