@@ -163,9 +163,11 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
                     top[g] = m;
                     const vf e = exp_neg(s - m);
                     total[g] = total[g] * rescale + sum(e);
+                    alignas(64) float weight[L];  // broadcast from memory: a lane of a register costs a shuffle
+                    std::memcpy(weight, &e, sizeof e);
                     for (int c = 0; c < C; ++c) a[c] = acc[g * C + c] * rescale;
-                    for (int64_t t = 0; t < L; ++t)
-                        for (int c = 0; c < C; ++c) a[c] += e[t] * load(vbuf + t * D + c * L);
+                    for (int64_t t = t0; t < t1; ++t)
+                        for (int c = 0; c < C; ++c) a[c] += weight[t] * load(vbuf + t * D + c * L);
                     for (int c = 0; c < C; ++c) acc[g * C + c] = a[c];
                 }
             }
