@@ -11,7 +11,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -110,6 +114,16 @@ inline void widen_row(const uint16_t* src, float* dst, int64_t n) {
     }
 }
 
+// bfloat16 keys scored in place by AVX512-BF16 dot products (pairs of products summed in float32, exactly as
+// widening first would give, in another order) where the CPU has them and a head is whole 32-element vectors.
+template <typename T, int C>
+constexpr bool BF16_DOT =
+#if defined(__AVX512BF16__)
+    std::is_same_v<T, uint16_t> && C % 2 == 0;
+#else
+    false;
+#endif
+
 // One (row, KV head) at a time: each chunk's keys and values are widened once into float32 buffers (L1-resident),
 // then every query head of the group scores the chunk (its query and accumulator in registers: C is a compile-time
 // count of 16-float vectors per head) and folds it into its online softmax.
@@ -140,24 +154,41 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
                                 h * D;
                 const T* values = keys + num_blocks * block_stride;
                 for (int64_t t = 0; t < L; ++t) {
-                    if (t >= t0 && t < t1) {
-                        widen_row(keys + t * token_stride, kbuf + t * D, D);
-                        widen_row(values + t * token_stride, vbuf + t * D, D);
-                    } else {  // outside the context (or the window): finite, weighted by 0
-                        std::memset(kbuf + t * D, 0, D * sizeof(float));
-                        std::memset(vbuf + t * D, 0, D * sizeof(float));
+                    const bool inside = t >= t0 && t < t1;  // outside the context (or window): masked
+                    if (!BF16_DOT<T, C>) {
+                        if (inside)
+                            widen_row(keys + t * token_stride, kbuf + t * D, D);
+                        else
+                            std::memset(kbuf + t * D, 0, D * sizeof(float));
                     }
+                    if (inside) widen_row(values + t * token_stride, vbuf + t * D, D);
                 }
                 const vf outside = (lane < float(t0)) | (lane >= float(t1)) ? vf{} + 1.0f : vf{};
                 for (int64_t g = 0; g < group; ++g) {
                     vf qg[C], a[C];
                     for (int c = 0; c < C; ++c) qg[c] = qv[g * C + c];
                     vf dots[L];
-                    for (int64_t t = 0; t < L; ++t) {
-                        dots[t] = qg[0] * load(kbuf + t * D);
-                        for (int c = 1; c < C; ++c) dots[t] += qg[c] * load(kbuf + t * D + c * L);
+                    vf s;
+                    if constexpr (BF16_DOT<T, C>) {
+#if defined(__AVX512BF16__)
+                        const T* qg16 = q + (r * heads + h * group + g) * D;
+                        for (int64_t t = 0; t < L; ++t) {
+                            __m512 d = _mm512_setzero_ps();
+                            for (int c = 0; c < C / 2; ++c)
+                                d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_loadu_si512(qg16 + 2 * c * L),
+                                                     (__m512bh)_mm512_loadu_si512(keys + t * token_stride + 2 * c * L));
+                            std::memcpy(&dots[t], &d, sizeof d);
+                        }
+                        s = sums(dots) * scale;
+#endif
+                    } else {
+                        for (int64_t t = 0; t < L; ++t) {
+                            dots[t] = qg[0] * load(kbuf + t * D);
+                            for (int c = 1; c < C; ++c) dots[t] += qg[c] * load(kbuf + t * D + c * L);
+                        }
+                        s = sums(dots);
                     }
-                    const vf s = outside > 0.0f ? vf{} + NEG : sums(dots);
+                    s = outside > 0.0f ? vf{} + NEG : s;
                     const float m = std::max(top[g], max(s));
                     const float rescale = std::exp(top[g] - m);
                     top[g] = m;
