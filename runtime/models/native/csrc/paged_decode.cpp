@@ -124,8 +124,11 @@ constexpr bool BF16_DOT =
     false;
 #endif
 
-// One (row, KV head) at a time: each chunk's keys and values are widened once into float32 buffers (L1-resident),
-// then every query head of the group scores the chunk (its query and accumulator in registers: C is a compile-time
+// Head sizes with a compiled kernel, in 16-float vectors per head: the one list `dispatch` and `supported_dim` read.
+#define TGIS_HEAD_VECTORS(X) X(1) X(2) X(4) X(5) X(6) X(8) X(16)
+
+// One (row, KV head) at a time: each chunk's values (and, without BF16_DOT, keys) are widened once into float32
+// buffers (L1-resident), then every query head of the group scores the chunk (its query and accumulator in registers: C is a compile-time
 // count of 16-float vectors per head) and folds it into its online softmax.
 template <typename T, int C>
 void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int32_t* lens, int64_t rows,
@@ -142,8 +145,10 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
             alignas(64) float kbuf[L * D], vbuf[L * D];
             std::vector<vf> qv(group * C), acc(group * C, vf{});
             std::vector<float> top(group, NEG), total(group, 0.0f);
-            for (int64_t g = 0; g < group; ++g)
-                for (int c = 0; c < C; ++c) qv[g * C + c] = load(q + (r * heads + h * group + g) * D + c * L) * scale;
+            if (!BF16_DOT<T, C>)  // that path reads the queries as they are and scales the scores
+                for (int64_t g = 0; g < group; ++g)
+                    for (int c = 0; c < C; ++c)
+                        qv[g * C + c] = load(q + (r * heads + h * group + g) * D + c * L) * scale;
             const int32_t* table = tables + r * table_width;
             const int64_t len = lens[r];
             const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -219,24 +224,20 @@ void dispatch(T* out, const T* q, const T* cache, const int32_t* tables, const i
     case C:                                                                                                  \
         return decode<T, C>(out, q, cache, tables, lens, rows, heads, kv_heads, num_blocks, block_size,     \
                             table_width, scale, window, threads);
-    switch (dim / L) {
-        TGIS_DECODE(1)
-        TGIS_DECODE(2)
-        TGIS_DECODE(4)
-        TGIS_DECODE(5)
-        TGIS_DECODE(6)
-        TGIS_DECODE(8)
-        TGIS_DECODE(16)
-    }
+    switch (dim / L) { TGIS_HEAD_VECTORS(TGIS_DECODE) }
 #undef TGIS_DECODE
 }
 
 }  // namespace
 
 extern "C" {
-int supported_dim(int64_t dim) {  // head sizes with a compiled kernel (see dispatch)
-    const int64_t c = dim / L;
-    return dim % L == 0 && (c == 1 || c == 2 || c == 4 || c == 5 || c == 6 || c == 8 || c == 16);
+int supported_dim(int64_t dim) {
+    if (dim % L) return 0;
+#define TGIS_SUPPORTED(C) \
+    if (dim / L == C) return 1;
+    TGIS_HEAD_VECTORS(TGIS_SUPPORTED)
+#undef TGIS_SUPPORTED
+    return 0;
 }
 
 void decode_f32(float* out, const float* q, const float* cache, const int32_t* tables, const int32_t* lens,
