@@ -13,6 +13,10 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
+from runtime.allocator import keep_freed_memory
+
 FRONT_END_CORES = 1  # left to the server process's event loop and tokenization workers
 MAX_TOKENIZATION_WORKERS = 8  # TGIS' router: clamp(num_cpus - num_shards, 1, 8)
 
@@ -45,6 +49,16 @@ def engine_threads(world_size: int = 1) -> int:
     if value.isdigit() and int(value) > 0:
         return int(value)
     return max(1, (available_cores() - FRONT_END_CORES) // world_size)
+
+
+def claim_engine_cores(world_size: int = 1) -> int:
+    """Set up this process (or thread's process) to run an engine rank on the CPU: torch's intra-op pool sized by
+    `engine_threads`, and glibc malloc kept from returning freed activations to the kernel between steps
+    (runtime/allocator.py). Returns the thread count."""
+    threads = engine_threads(world_size)
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    return threads
 
 
 def tokenization_workers(world_size: int = 1) -> int:

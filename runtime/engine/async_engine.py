@@ -23,7 +23,7 @@ from runtime.engine.core import EngineCore, StepStats
 from runtime.engine.guided import GrammarCompiler
 from runtime.engine.request import EngineRequest, GenerationParams, RequestOutput, StopReason
 from runtime.models.loader import LoadedModel
-from runtime.threads import engine_threads
+from runtime.threads import claim_engine_cores
 
 __all__ = ["AsyncEngine", "EngineFront", "ModelFacts", "StepStats"]
 
@@ -156,7 +156,7 @@ class AsyncEngine(EngineFront):
         # the caller's event loop (a benchmark client, the terminal) runs beside the engine thread: as in the
         # engine process, torch gets the cores the front end leaves (oversubscribed OpenMP threads spin against
         # each other: a batch-16 decode matmul ran 7x slower with 2 threads than with 1 on a busy 2-core machine)
-        torch.set_num_threads(engine_threads(config.tensor_parallel_size))
+        claim_engine_cores(config.tensor_parallel_size)
         self.core = EngineCore(config, loaded)
         super().__init__(ModelFacts.of(self.core), self.core.loaded.tokenizer, self.core.grammars)
         self.core.emit = self._dispatch

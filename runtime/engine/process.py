@@ -29,7 +29,7 @@ from runtime.engine.async_engine import EngineFront, ModelFacts
 from runtime.engine.config import EngineConfig
 from runtime.engine.core import Abort, EngineCore, Shutdown
 from runtime.engine.request import EngineRequest
-from runtime.threads import available_cores, engine_threads
+from runtime.threads import available_cores, claim_engine_cores
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def _engine_main(config: EngineConfig, inbox, out: Connection, setup_logging: Ca
     logging.getLogger().setLevel(log_level)
     if setup_logging is not None:
         setup_logging()
-    threads = engine_threads(config.tensor_parallel_size)
-    torch.set_num_threads(threads)
+    threads = claim_engine_cores(config.tensor_parallel_size)
     log.info("engine process: %d torch thread(s) of %d available core(s) (OMP_NUM_THREADS overrides)", threads,
              available_cores())
     if config.cuda_memory_fraction < 1.0 and torch.cuda.is_available():

@@ -33,7 +33,7 @@ from runtime.engine.runner import ModelRunner, local_runner
 from runtime.models.loader import resolve_device
 from runtime.parallel.deepspeed import split_method
 from runtime.parallel.sharding import read_manifest
-from runtime.threads import engine_threads
+from runtime.threads import claim_engine_cores
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _start_rank(config: EngineConfig, engine: str, rank: int, world_size: int, p
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # ranks share the cores (with the front end)
-        torch.set_num_threads(engine_threads(world_size))
+        claim_engine_cores(world_size)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return local_runner(config, engine, shard=(rank, world_size))
