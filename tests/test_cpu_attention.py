@@ -1,5 +1,5 @@
-"""The CPU decode attention kernel (runtime/models/native/cpu_attention.py) against the plain-torch oracle, and the
-engine's tokens with it."""
+"""The CPU attention kernels (runtime/models/native/cpu_attention.py: decode rows, prompt chunks) against the
+plain-torch oracle, and the engine's tokens with them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def test_the_kernel_builds_here():
     assert cpu_attention.library() is not None
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads, kv_heads, dim, block_size, window", [
     (8, 2, 32, 16, None),
@@ -28,27 +32,39 @@ def test_the_kernel_builds_here():
     (4, 4, 128, 32, None),  # no grouping, 32-token blocks
     (8, 1, 16, 16, 24),  # one KV head, sliding window
 ])
-def test_decode_rows_match_the_torch_backend(dtype, tolerance, heads, kv_heads, dim, block_size, window):
-    """Decode rows of 1-300 positions (partial first and last chunks, a window cutting into a block) beside prompt
-    chunks, in one step; the kernel's output rows equal the oracle's within float32 (bfloat16) rounding, and the
-    prompt rows are the oracle's own."""
-    step = random_step([1, 5, 16, 17, 100, 300], [(30, 40), (0, 20)], seed=heads + dim, heads=heads,
-                       kv_heads=kv_heads, dim=dim, block_size=block_size, cache_dtype=dtype, dtype=dtype)
+def test_rows_match_the_torch_backend(dtype, tolerance, heads, kv_heads, dim, block_size, window):
+    """One step of decode rows of 1-300 positions (partial first and last chunks, a window cutting into a block)
+    and prompt chunks (whole prompts of 1, 37 and 130 tokens: one, several and partial 64-key blocks, tiles of 8
+    query rows cut anywhere; continuations of 40 tokens after 30 cached and 3 after 100): every row equals the
+    oracle's within float32 (bfloat16) rounding, and the cache holds what the oracle writes."""
+    step = random_step([1, 5, 16, 17, 100, 300], [(0, 37), (30, 40), (100, 3), (0, 1), (0, 130)], seed=heads + dim,
+                       heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, cache_dtype=dtype, dtype=dtype)
     want, want_cache = step.run(TorchAttention(), window)
     got, got_cache = step.run(CpuAttention(), window)
     assert torch.equal(got_cache, want_cache)
     d = step.meta.num_decodes
-    error = ((got[:d].float() - want[:d].float()).norm() / want[:d].float().norm()).item()
-    assert error < tolerance, error
-    assert torch.equal(got[d:], want[d:])
+    assert _relative_error(got[:d], want[:d]) < tolerance
+    for start, stop in zip(step.meta.query_start[d:-1].tolist(), step.meta.query_start[d + 1:].tolist(), strict=True):
+        assert _relative_error(got[start:stop], want[start:stop]) < tolerance, (start, stop)
+    assert not torch.equal(got[d:], want[d:])  # the prompt kernel ran: its rounding is not SDPA's
 
 
-@pytest.mark.parametrize("dim, block_size", [(8, 16), (48, 16), (32, 8)])
-def test_unsupported_shapes_fall_back_to_the_torch_path(dim, block_size):
-    """A head size that is no multiple of the kernel's 16 lanes (8) or one it is not compiled for (48), a block
-    shorter than its 16-position chunk: the oracle's path, bit for bit."""
-    step = random_step([5, 40], [], seed=1, heads=4, kv_heads=2, dim=dim, block_size=block_size)
+@pytest.mark.parametrize("dim", [8, 48])
+def test_unsupported_head_sizes_fall_back_to_the_torch_path(dim):
+    """A head size that is no multiple of the kernels' 16 lanes (8) or one they are not compiled for (48): the
+    oracle's path for every row, bit for bit."""
+    step = random_step([5, 40], [(0, 9), (20, 7)], seed=1, heads=4, kv_heads=2, dim=dim)
     assert torch.equal(step.run(CpuAttention(), None)[0], step.run(TorchAttention(), None)[0])
+
+
+def test_blocks_shorter_than_a_chunk():
+    """8-token blocks: decode rows take the oracle's path bit for bit (the decode kernel reads 16-position chunks
+    from one block); prompt chunks still go through the prompt kernel, which reads key by key."""
+    step = random_step([5, 40], [(0, 9), (20, 7)], seed=1, heads=4, kv_heads=2, dim=32, block_size=8)
+    got, want = step.run(CpuAttention(), None)[0], step.run(TorchAttention(), None)[0]
+    d = step.meta.num_decodes
+    assert torch.equal(got[:d], want[:d])
+    assert _relative_error(got[d:], want[d:]) < 1e-6
 
 
 def test_engine_tokens_with_the_kernel(tiny_model):
