@@ -24,8 +24,9 @@ inline void widen_row(const uint16_t* src, float* dst, int64_t n) {
     }
 }
 
-// bfloat16 keys scored in place by AVX512-BF16 dot products (pairs of products summed in float32, exactly as
-// widening first would give, in another order) where the CPU has them and a head is whole 32-element vectors.
+// bfloat16 caches through AVX512-BF16 dot products (pairs of products summed in float32) where the CPU has them and
+// a head is whole 32-element vectors: keys scored in place; values of consecutive positions paired (an unpack of
+// two rows), weighted by the softmax weights rounded to bfloat16 (as torch's CPU attention rounds them for its p·v).
 template <typename T, int C>
 constexpr bool BF16_DOT =
 #if defined(__AVX512BF16__)
@@ -34,9 +35,18 @@ constexpr bool BF16_DOT =
     false;
 #endif
 
-// One (row, KV head) at a time: each chunk's values (and, without BF16_DOT, keys) are widened once into float32
-// buffers (L1-resident), then every query head of the group scores the chunk (its query and accumulator in registers: C is a compile-time
-// count of 16-float vectors per head) and folds it into its online softmax.
+// One (row, KV head) at a time: each chunk's values (paired, or widened to float32) and, without BF16_DOT, keys
+// (widened) are laid out once in L1-resident buffers, then every query head of the group scores the chunk (its
+// query and accumulator in registers: C is a compile-time count of 16-float vectors per head) and folds it into its
+// online softmax.
+// The dim that lane i of accumulator c holds: c * 16 + i, but for BF16_DOT's pairs, where an unpack of two rows
+// interleaves 4 dims of each 128-bit quarter: accumulator c covers 32-dim segment c / 2, its low (even c) or high
+// (odd c) 4 dims of every 8.
+template <typename T, int C>
+constexpr int dim_of(int c, int i) {
+    return BF16_DOT<T, C> ? c / 2 * 2 * L + i / 4 * 8 + c % 2 * 4 + i % 4 : c * L + i;
+}
+
 template <typename T, int C>
 void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int32_t* lens, int64_t rows,
             int64_t heads, int64_t kv_heads, int64_t num_blocks, int64_t block_size, int64_t table_width,
@@ -49,7 +59,11 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t h = 0; h < kv_heads; ++h) {
-            alignas(64) float kbuf[L * D], vbuf[L * D];
+            alignas(64) float kbuf[BF16_DOT<T, C> ? 1 : L * D], vbuf[BF16_DOT<T, C> ? 1 : L * D];
+#if defined(__AVX512BF16__)
+            // BF16_DOT: vpair[c * L / 2 + j] pairs positions 2j, 2j + 1 over the dims of accumulator c (`dim_of`)
+            alignas(64) __m512i vpair[BF16_DOT<T, C> ? C * L / 2 : 1];
+#endif
             std::vector<vf> qv(group * C), acc(group * C, vf{});
             std::vector<float> top(group, NEG), total(group, 0.0f);
             if (!BF16_DOT<T, C>)  // that path reads the queries as they are and scales the scores
@@ -73,8 +87,22 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
                         else
                             std::memset(kbuf + t * D, 0, D * sizeof(float));
                     }
-                    if (inside) widen_row(values + t * token_stride, vbuf + t * D, D);
+                    if (!BF16_DOT<T, C> && inside) widen_row(values + t * token_stride, vbuf + t * D, D);
                 }
+#if defined(__AVX512BF16__)
+                if constexpr (BF16_DOT<T, C>) {
+                    static const T zeros[D] = {};  // a masked position's value: its weight is 0, its value finite
+                    for (int64_t j = 0; j < L / 2; ++j) {
+                        const T* v0 = 2 * j >= t0 && 2 * j < t1 ? values + 2 * j * token_stride : zeros;
+                        const T* v1 = 2 * j + 1 >= t0 && 2 * j + 1 < t1 ? values + (2 * j + 1) * token_stride : zeros;
+                        for (int c = 0; c < C / 2; ++c) {
+                            const __m512i x = _mm512_loadu_si512(v0 + 2 * c * L), y = _mm512_loadu_si512(v1 + 2 * c * L);
+                            vpair[2 * c * L / 2 + j] = _mm512_unpacklo_epi16(x, y);
+                            vpair[(2 * c + 1) * L / 2 + j] = _mm512_unpackhi_epi16(x, y);
+                        }
+                    }
+                }
+#endif
                 const vf outside = (lane < float(t0)) | (lane >= float(t1)) ? vf{} + 1.0f : vf{};
                 for (int64_t g = 0; g < group; ++g) {
                     vf qg[C], a[C];
@@ -106,18 +134,30 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
                     top[g] = m;
                     const vf e = exp_neg(s - m);
                     total[g] = total[g] * rescale + sum(e);
-                    alignas(64) float weight[L];  // broadcast from memory: a lane of a register costs a shuffle
-                    std::memcpy(weight, &e, sizeof e);
                     for (int c = 0; c < C; ++c) a[c] = acc[g * C + c] * rescale;
-                    for (int64_t t = t0; t < t1; ++t)
-                        for (int c = 0; c < C; ++c) a[c] += weight[t] * load(vbuf + t * D + c * L);
+                    if constexpr (BF16_DOT<T, C>) {
+#if defined(__AVX512BF16__)
+                        alignas(32) uint32_t pairs[L / 2];  // the weights of positions 2j, 2j + 1 in bfloat16
+                        _mm256_store_si256((__m256i*)pairs, (__m256i)_mm512_cvtneps_pbh((__m512)e));
+                        for (int64_t j = 0; j < L / 2; ++j)
+                            for (int c = 0; c < C; ++c)
+                                a[c] = (vf)_mm512_dpbf16_ps((__m512)a[c], (__m512bh)vpair[c * L / 2 + j],
+                                                            (__m512bh)_mm512_set1_epi32(pairs[j]));
+#endif
+                    } else {
+                        alignas(64) float weight[L];  // broadcast from memory: a lane of a register costs a shuffle
+                        std::memcpy(weight, &e, sizeof e);
+                        for (int64_t t = t0; t < t1; ++t)
+                            for (int c = 0; c < C; ++c) a[c] += weight[t] * load(vbuf + t * D + c * L);
+                    }
                     for (int c = 0; c < C; ++c) acc[g * C + c] = a[c];
                 }
             }
             for (int64_t g = 0; g < group; ++g)
                 for (int c = 0; c < C; ++c) {
                     const vf o = acc[g * C + c] / total[g];
-                    for (int i = 0; i < L; ++i) narrow(o[i], out + (r * heads + h * group + g) * D + c * L + i);
+                    for (int i = 0; i < L; ++i)
+                        narrow(o[i], out + (r * heads + h * group + g) * D + dim_of<T, C>(c, i));
                 }
         }
     }
