@@ -49,6 +49,24 @@ def test_rows_match_the_torch_backend(dtype, tolerance, heads, kv_heads, dim, bl
     assert not torch.equal(got[d:], want[d:])  # the prompt kernel ran: its rounding is not SDPA's
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_queries_keys_values_as_views_of_one_projection(dtype):
+    """The model hands the backend q, k and v as views of one fused QKV output (token stride heads + 2 KV heads):
+    the rotary + cache-write kernel reads them in place and writes exactly what the oracle writes."""
+    step = random_step([7, 33], [(0, 20), (16, 5)], seed=5, heads=9, kv_heads=3, dim=64, cache_dtype=dtype,
+                       dtype=dtype)
+    t = step.q.shape[0]
+    fused = torch.cat([step.q.flatten(1), step.k.flatten(1), step.v.flatten(1)], dim=1)
+    q, k, v = (x.view(t, -1, 64) for x in fused.split([9 * 64, 3 * 64, 3 * 64], dim=1))
+    outs, caches = [], []
+    for backend in (TorchAttention(), CpuAttention()):
+        cache = step.cache.clone()
+        outs.append(backend(q, k, v, step.cos, step.sin, cache, step.meta, 0.125, None))
+        caches.append(cache)
+    assert torch.equal(caches[0], caches[1])
+    assert _relative_error(outs[1], outs[0]) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("dim", [8, 48])
 def test_unsupported_head_sizes_fall_back_to_the_torch_path(dim):
     """A head size that is no multiple of the kernels' 16 lanes (8) or one they are not compiled for (48): the

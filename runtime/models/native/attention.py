@@ -109,16 +109,23 @@ class TorchAttention:
     reads_unwritten_slots = True
 
     def __call__(self, q, k, v, cos, sin, cache, meta, scale, window):
-        q, k = apply_rotary(q, k, cos, sin)
-        v = v.contiguous()
-        if cache.dtype != q.dtype:
-            k, v = stored(k, cache).to(q.dtype), stored(v, cache).to(q.dtype)
-        write_kv(cache, k, v, meta.slot_mapping)
+        q, k, v = self.rotate_and_store(q, k, v, cos, sin, cache, meta)
         out = torch.empty_like(q)
         if meta.num_decodes:
             self.decode(q, cache, meta, scale, window, out)
         self.prompts(q, k, v, cache, meta, scale, window, out)
         return out
+
+    def rotate_and_store(self, q, k, v, cos, sin, cache, meta
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Rotated queries, and this step's keys and values as attention reads them back (None: read them from the
+        cache), once written into their cache slots."""
+        q, k = apply_rotary(q, k, cos, sin)
+        v = v.contiguous()
+        if cache.dtype != q.dtype:
+            k, v = stored(k, cache).to(q.dtype), stored(v, cache).to(q.dtype)
+        write_kv(cache, k, v, meta.slot_mapping)
+        return q, k, v
 
     def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                window: int | None, out: torch.Tensor) -> None:
@@ -144,7 +151,7 @@ class TorchAttention:
         start = meta.num_decodes
         for row in range(start, len(meta.query_lens_host)):
             n, length = meta.query_lens_host[row], meta.seq_lens_host[row]
-            if n == length:  # a whole prompt: its keys are this step's
+            if n == length and k is not None:  # a whole prompt: its keys are this step's
                 keys, values = k[start:start + n], v[start:start + n]
             else:
                 blocks = meta.block_tables[row, : -(-length // block_size)].long()

@@ -35,7 +35,7 @@ from runtime.models.native.attention import TorchAttention
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "paged_decode.cpp", CSRC / "paged_prompt.cpp"]
+SOURCES = [CSRC / "paged_decode.cpp", CSRC / "paged_prompt.cpp", CSRC / "rotary_cache.cpp"]
 HEADERS = [CSRC / "vec.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 LANES = 16  # the kernel's chunk of positions: block_size must be a multiple of it
@@ -79,6 +79,8 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * 7
                            + [ctypes.c_float, ctypes.c_int64, ctypes.c_int])
             fn.restype = None
+        fn = getattr(lib, f"rotary_cache_{suffix}")
+        fn.argtypes, fn.restype = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 9, None
     lib.supported_dim.argtypes, lib.supported_dim.restype = [ctypes.c_int64], ctypes.c_int
     return lib
 
@@ -94,9 +96,27 @@ def _applies(q: torch.Tensor, cache: torch.Tensor, meta) -> ctypes.CDLL | None:
     return lib
 
 
+def _heads_packed(*tensors: torch.Tensor) -> bool:
+    """[tokens, heads, dim] with dims and heads packed; the token stride is free (views of one fused projection)."""
+    return all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in tensors)
+
+
 class CpuAttention(TorchAttention):
-    """TorchAttention with decode rows and prompt chunks through the C++ kernels where they apply (`_applies`; the
-    decode kernel also needs block_size a multiple of 16)."""
+    """TorchAttention with the rotary embedding and cache write, decode rows and prompt chunks through the C++
+    kernels where they apply (`_applies`; the decode kernel also needs block_size a multiple of 16)."""
+
+    def rotate_and_store(self, q, k, v, cos, sin, cache, meta):
+        lib = _applies(q, cache, meta)
+        if (lib is None or not _heads_packed(q, k, v) or cos.stride(1) != 1 or sin.stride(0) != cos.stride(0)
+                or k.dtype != q.dtype or v.dtype != q.dtype or cos.dtype != q.dtype or not cache.is_contiguous()):
+            return super().rotate_and_store(q, k, v, cos, sin, cache, meta)
+        rotated = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        getattr(lib, f"rotary_cache_{SUFFIXES[q.dtype]}")(
+            rotated.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            cache.data_ptr(), slots.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.stride(0),
+            k.stride(0), v.stride(0), cos.stride(0), cache.shape[1] * cache.shape[2])
+        return rotated, None, None  # the prompt kernel reads keys and values from the cache
 
     def decode(self, q, cache, meta, scale, window, out) -> None:
         lib = _applies(q, cache, meta)

@@ -73,17 +73,6 @@ inline uint32_t unit_of(const float* e) {
 }
 inline uint32_t unit_of(const uint16_t* e) { return uint32_t(e[0]) | uint32_t(e[1]) << 16; }
 
-inline void store(float x, float* p) { *p = x; }
-inline void store(float x, uint16_t* p) { narrow(x, p); }
-inline void store(vf x, float* p) { std::memcpy(p, &x, sizeof x); }
-inline void store(vf x, uint16_t* p) {  // round to nearest even, as `narrow`; x holds no NaN (softmax weights)
-    typedef uint32_t vu __attribute__((vector_size(4 * L)));
-    vu u;
-    std::memcpy(&u, &x, sizeof u);
-    const vh h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vh);
-    std::memcpy(p, &h, sizeof h);
-}
-
 template <typename T, int C>
 void prompt(T* out, const T* q, const T* cache, const int32_t* tables, const int32_t* query_start,
             const int32_t* lens, int64_t prompts, int64_t heads, int64_t kv_heads, int64_t num_blocks,
@@ -164,7 +153,7 @@ void prompt(T* out, const T* q, const T* cache, const int32_t* tables, const int
                             const vf x = load(&s[i][c * L]);
                             const vf e = x > NEG / 2 ? exp_neg(x - top_new) : vf{};  // a masked key weighs 0
                             sum_e += e;
-                            store(e, w + c * L);
+                            narrow(e, w + c * L);
                         }
                         total[i] = total[i] * rescale[i] + sum(sum_e);
                         for (int j = 0; j < KU; ++j) eu[i][j] = unit_of(w + j * P);
@@ -181,7 +170,7 @@ void prompt(T* out, const T* q, const T* cache, const int32_t* tables, const int
                     }
                 }
                 for (int i = 0; i < rows; ++i)
-                    for (int d = 0; d < D; ++d) store(acc[i][d] / total[i], orow[i] + d);
+                    for (int d = 0; d < D; ++d) narrow(acc[i][d] / total[i], orow[i] + d);
             }
         }
     }

@@ -15,6 +15,7 @@
 #define TGIS_HEAD_VECTORS(X) X(1) X(2) X(4) X(5) X(6) X(8) X(16)
 
 namespace tgis {
+namespace {  // each kernel file keeps its own copies, compiled under its own options
 
 constexpr int L = 16;  // lanes: positions per chunk, floats per vector
 typedef float vf __attribute__((vector_size(4 * L)));
@@ -41,6 +42,17 @@ inline void narrow(float x, uint16_t* p) {  // float32 -> bfloat16, round to nea
     uint32_t u;
     std::memcpy(&u, &x, sizeof u);
     *p = std::isnan(x) ? 0x7fc0 : static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+inline void narrow(vf x, float* p) { std::memcpy(p, &x, sizeof x); }
+inline void narrow(vf x, uint16_t* p) {  // lane-wise `narrow`
+    typedef uint32_t vu __attribute__((vector_size(4 * L)));
+    vu u;
+    std::memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    u = x != x ? vu{} + 0x7fc0u : u;
+    const vh b = __builtin_convertvector(u, vh);
+    std::memcpy(p, &b, sizeof b);
 }
 
 // Horizontal reductions as trees of shuffles (a lane-by-lane loop is a chain of 16 dependent scalar operations).
@@ -103,4 +115,5 @@ inline vf exp_neg(vf x) {
     return low > 0.0f ? vf{} : p * scale;
 }
 
+}  // namespace
 }  // namespace tgis
