@@ -35,10 +35,13 @@ constexpr bool BF16_DOT =
     false;
 #endif
 
-// One (row, KV head) at a time: each chunk's values (paired, or widened to float32) and, without BF16_DOT, keys
-// (widened) are laid out once in L1-resident buffers, then every query head of the group scores the chunk (its
-// query and accumulator in registers: C is a compile-time count of 16-float vectors per head) and folds it into its
-// online softmax.
+// One row at a time, chunk by chunk in table order, every KV head of a chunk in turn: a chunk's keys (and values)
+// for all KV heads are one contiguous run of the block, so the cache streams from DRAM (and the run two chunks on is
+// prefetched; per (row, KV head), with each head's rows 384 bytes apart, a 16-row step took 3.5x its L3-resident
+// time). For each KV head the chunk's values (paired, or widened to float32) and, without BF16_DOT, keys (widened)
+// are laid out once in L1-resident buffers, then every query head of the group scores the chunk (its query and
+// accumulator in registers: C is a compile-time count of 16-float vectors per head) and folds it into its online
+// softmax.
 // The dim that lane i of accumulator c holds: c * 16 + i, but for BF16_DOT's pairs, where an unpack of two rows
 // interleaves 4 dims of each 128-bit quarter: accumulator c covers 32-dim segment c / 2, its low (even c) or high
 // (odd c) 4 dims of every 8.
@@ -52,32 +55,42 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
             int64_t heads, int64_t kv_heads, int64_t num_blocks, int64_t block_size, int64_t table_width,
             float scale, int64_t window, int threads) {
     constexpr int64_t D = C * L;
+    constexpr int64_t AHEAD = 2;  // chunks of keys and values prefetched ahead of the one scored
     const int64_t group = heads / kv_heads;
     const int64_t token_stride = kv_heads * D;
     const int64_t block_stride = block_size * token_stride;
     const vf lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t h = 0; h < kv_heads; ++h) {
-            alignas(64) float kbuf[BF16_DOT<T, C> ? 1 : L * D], vbuf[BF16_DOT<T, C> ? 1 : L * D];
+        alignas(64) float kbuf[BF16_DOT<T, C> ? 1 : L * D], vbuf[BF16_DOT<T, C> ? 1 : L * D];
 #if defined(__AVX512BF16__)
-            // BF16_DOT: vpair[c * L / 2 + j] pairs positions 2j, 2j + 1 over the dims of accumulator c (`dim_of`)
-            alignas(64) __m512i vpair[BF16_DOT<T, C> ? C * L / 2 : 1];
+        // BF16_DOT: vpair[c * L / 2 + j] pairs positions 2j, 2j + 1 over the dims of accumulator c (`dim_of`)
+        alignas(64) __m512i vpair[BF16_DOT<T, C> ? C * L / 2 : 1];
 #endif
-            std::vector<vf> qv(group * C), acc(group * C, vf{});
-            std::vector<float> top(group, NEG), total(group, 0.0f);
-            if (!BF16_DOT<T, C>)  // that path reads the queries as they are and scales the scores
-                for (int64_t g = 0; g < group; ++g)
-                    for (int c = 0; c < C; ++c)
-                        qv[g * C + c] = load(q + (r * heads + h * group + g) * D + c * L) * scale;
-            const int32_t* table = tables + r * table_width;
-            const int64_t len = lens[r];
-            const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-            for (int64_t p0 = first / L * L; p0 < len; p0 += L) {
-                const int64_t t0 = std::max<int64_t>(first - p0, 0), t1 = std::min<int64_t>(len - p0, L);
-                // block_size is a multiple of L: the chunk lies in one block
-                const T* keys = cache + table[p0 / block_size] * block_stride + p0 % block_size * token_stride +
-                                h * D;
+        std::vector<vf> qv(heads * C), acc(heads * C, vf{});  // query head hg = h * group + g
+        std::vector<float> top(heads, NEG), total(heads, 0.0f);
+        if (!BF16_DOT<T, C>)  // that path reads the queries as they are and scales the scores
+            for (int64_t hg = 0; hg < heads; ++hg)
+                for (int c = 0; c < C; ++c) qv[hg * C + c] = load(q + (r * heads + hg) * D + c * L) * scale;
+        const int32_t* table = tables + r * table_width;
+        const int64_t len = lens[r];
+        const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+        for (int64_t p0 = first / L * L; p0 < len; p0 += L) {
+            const int64_t t0 = std::max<int64_t>(first - p0, 0), t1 = std::min<int64_t>(len - p0, L);
+            // block_size is a multiple of L: the chunk lies in one block, its keys (and values) for every KV head
+            // one contiguous run, read from DRAM: the run AHEAD chunks on is prefetched
+            const T* chunk = cache + table[p0 / block_size] * block_stride + p0 % block_size * token_stride;
+            if (p0 + AHEAD * L < len) {
+                const int64_t p = p0 + AHEAD * L;
+                const char* next = reinterpret_cast<const char*>(cache + table[p / block_size] * block_stride +
+                                                                 p % block_size * token_stride);
+                for (int64_t line = 0; line < L * token_stride * int64_t(sizeof(T)); line += 64) {
+                    __builtin_prefetch(next + line);
+                    __builtin_prefetch(next + num_blocks * block_stride * sizeof(T) + line);
+                }
+            }
+            for (int64_t h = 0; h < kv_heads; ++h) {
+                const T* keys = chunk + h * D;
                 const T* values = keys + num_blocks * block_stride;
                 for (int64_t t = 0; t < L; ++t) {
                     const bool inside = t >= t0 && t < t1;  // outside the context (or window): masked
@@ -105,13 +118,14 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
 #endif
                 const vf outside = (lane < float(t0)) | (lane >= float(t1)) ? vf{} + 1.0f : vf{};
                 for (int64_t g = 0; g < group; ++g) {
+                    const int64_t hg = h * group + g;
                     vf qg[C], a[C];
-                    for (int c = 0; c < C; ++c) qg[c] = qv[g * C + c];
+                    for (int c = 0; c < C; ++c) qg[c] = qv[hg * C + c];
                     vf dots[L];
                     vf s;
                     if constexpr (BF16_DOT<T, C>) {
 #if defined(__AVX512BF16__)
-                        const T* qg16 = q + (r * heads + h * group + g) * D;
+                        const T* qg16 = q + (r * heads + hg) * D;
                         for (int64_t t = 0; t < L; ++t) {
                             __m512 d = _mm512_setzero_ps();
                             for (int c = 0; c < C / 2; ++c)
@@ -129,12 +143,12 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
                         s = sums(dots);
                     }
                     s = outside > 0.0f ? vf{} + NEG : s;
-                    const float m = std::max(top[g], max(s));
-                    const float rescale = std::exp(top[g] - m);
-                    top[g] = m;
+                    const float m = std::max(top[hg], max(s));
+                    const float rescale = std::exp(top[hg] - m);
+                    top[hg] = m;
                     const vf e = exp_neg(s - m);
-                    total[g] = total[g] * rescale + sum(e);
-                    for (int c = 0; c < C; ++c) a[c] = acc[g * C + c] * rescale;
+                    total[hg] = total[hg] * rescale + sum(e);
+                    for (int c = 0; c < C; ++c) a[c] = acc[hg * C + c] * rescale;
                     if constexpr (BF16_DOT<T, C>) {
 #if defined(__AVX512BF16__)
                         alignas(32) uint32_t pairs[L / 2];  // the weights of positions 2j, 2j + 1 in bfloat16
@@ -150,16 +164,15 @@ void decode(T* out, const T* q, const T* cache, const int32_t* tables, const int
                         for (int64_t t = t0; t < t1; ++t)
                             for (int c = 0; c < C; ++c) a[c] += weight[t] * load(vbuf + t * D + c * L);
                     }
-                    for (int c = 0; c < C; ++c) acc[g * C + c] = a[c];
+                    for (int c = 0; c < C; ++c) acc[hg * C + c] = a[c];
                 }
             }
-            for (int64_t g = 0; g < group; ++g)
-                for (int c = 0; c < C; ++c) {
-                    const vf o = acc[g * C + c] / total[g];
-                    for (int i = 0; i < L; ++i)
-                        narrow(o[i], out + (r * heads + h * group + g) * D + dim_of<T, C>(c, i));
-                }
         }
+        for (int64_t hg = 0; hg < heads; ++hg)
+            for (int c = 0; c < C; ++c) {
+                const vf o = acc[hg * C + c] / total[hg];
+                for (int i = 0; i < L; ++i) narrow(o[i], out + (r * heads + hg) * D + dim_of<T, C>(c, i));
+            }
     }
 }
 
