@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.models.native import onednn
+from runtime.models.native import cpu_kernels, onednn
 from runtime.models.native.lora import LoraSlots, StackedLora
 
 
@@ -27,6 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and (y := cpu_kernels.rms_norm(x, self.weight, self.eps)) is not None:
+            return y
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
