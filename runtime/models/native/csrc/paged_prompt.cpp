@@ -20,18 +20,22 @@ namespace {
 
 using namespace tgis;
 
+template <typename V>
+struct Units {  // 16 units into a vector of V's lane type, bits unchanged
+    using Vec = V;
+    static V load(const uint32_t* p) {
+        V x;
+        std::memcpy(&x, p, sizeof x);
+        return x;
+    }
+};
+
 template <typename T>
 struct Unit;
 
 template <>
-struct Unit<float> {
+struct Unit<float> : Units<vf> {
     static constexpr int per = 1;  // elements per 32-bit unit
-    using Vec = vf;
-    static Vec load(const uint32_t* p) {
-        Vec x;
-        std::memcpy(&x, p, sizeof x);
-        return x;
-    }
     static vf madd(vf acc, Vec a, uint32_t b) {
         float x;
         std::memcpy(&x, &b, sizeof x);
@@ -40,14 +44,8 @@ struct Unit<float> {
 };
 
 template <>
-struct Unit<uint16_t> {  // bfloat16
+struct Unit<uint16_t> : Units<vi> {  // bfloat16
     static constexpr int per = 2;
-    using Vec = vi;
-    static Vec load(const uint32_t* p) {
-        Vec x;
-        std::memcpy(&x, p, sizeof x);
-        return x;
-    }
     // acc[i] += a[2i] b[0] + a[2i+1] b[1] (a unit: low half the even element)
     static vf madd(vf acc, Vec a, uint32_t b) {
 #if defined(__AVX512BF16__)

@@ -11,20 +11,6 @@ namespace {
 
 using namespace tgis;
 
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-    const uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-inline vf rounded(vf x, const float*) { return x; }
-inline vf rounded(vf x, const uint16_t*) {
-    uint16_t h[L];
-    narrow(x, h);
-    return load(h);
-}
-
 template <typename T>
 void rms_norm(T* out, const T* x, const T* weight, int64_t rows, int64_t n, float eps) {
     for (int64_t r = 0; r < rows; ++r) {

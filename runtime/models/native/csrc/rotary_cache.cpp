@@ -19,28 +19,6 @@ namespace {
 
 using namespace tgis;
 
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-    const uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-// x rounded to T and back (the value torch holds after each bfloat16 operator)
-inline float rounded(float x, const float*) { return x; }
-inline float rounded(float x, const uint16_t*) {
-    uint16_t h;
-    narrow(x, &h);
-    return widen(h);
-}
-inline vf rounded(vf x, const float*) { return x; }
-inline vf rounded(vf x, const uint16_t*) {
-    uint16_t h[L];
-    narrow(x, h);
-    return load(h);
-}
-
 // out = x·cos + rotate_half(x)·sin, rotate_half(x) = [-x[half:], x[:half]]: 16 dims of each half at a time
 template <typename T>
 void rotate(T* out, const T* x, const T* cos, const T* sin, int64_t dim) {

@@ -55,6 +55,28 @@ inline void narrow(vf x, uint16_t* p) {  // lane-wise `narrow`
     std::memcpy(p, &b, sizeof b);
 }
 
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+    const uint32_t u = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// x rounded to T and back: the value torch holds after each operator on T (the pointer only picks T)
+inline float rounded(float x, const float*) { return x; }
+inline float rounded(float x, const uint16_t*) {
+    uint16_t h;
+    narrow(x, &h);
+    return widen(h);
+}
+inline vf rounded(vf x, const float*) { return x; }
+inline vf rounded(vf x, const uint16_t*) {
+    uint16_t h[L];
+    narrow(x, h);
+    return load(h);
+}
+
 // Horizontal reductions as trees of shuffles (a lane-by-lane loop is a chain of 16 dependent scalar operations).
 inline float sum(vf x) {
     x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
